@@ -1,0 +1,268 @@
+"""MPRNet (Zamir et al., CVPR 2021) written from the paper's description.
+
+Attribute names follow the published checkpoints' state-dict keys, so the authors'
+files load unchanged; everything else is ours. The first stage sees the image as four
+patches and the second as two. Rather than looping over patches, each stage stacks its
+patches along the batch axis and runs once: channel attention pools per sample, so this
+is the same arithmetic as the per-patch formulation, in fewer and larger calls.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from mprnet_cli.model.config import MPRNetConfig
+
+#: Input height and width must be a multiple of this: two halvings inside the U-Nets,
+#: applied to patches that are themselves half the image.
+SIZE_MULTIPLE = 8
+
+
+def _conv(in_channels: int, out_channels: int, kernel_size: int, bias: bool) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
+
+
+def _split(x: Tensor, dim: int) -> Tensor:
+    """Cut `x` in two along `dim` and stack the halves on the batch axis (first half first)."""
+    return torch.cat(x.chunk(2, dim=dim), dim=0)
+
+
+def _join(x: Tensor, dim: int) -> Tensor:
+    """Undo `_split`: take the two batch halves and put them side by side along `dim`."""
+    return torch.cat(x.chunk(2, dim=0), dim=dim)
+
+
+class ChannelAttention(nn.Module):
+    """Squeeze-and-excitation: rescale channels by a gate computed from their means."""
+
+    def __init__(self, channels: int, reduction: int, bias: bool) -> None:
+        super().__init__()
+        self.conv_du = nn.Sequential(
+            nn.Conv2d(channels, channels // reduction, 1, bias=bias),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(channels // reduction, channels, 1, bias=bias),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.conv_du(x.mean(dim=(2, 3), keepdim=True))
+
+
+class ChannelAttentionBlock(nn.Module):
+    """conv -> PReLU -> conv -> channel attention, plus the input (the paper's CAB)."""
+
+    def __init__(self, channels: int, config: MPRNetConfig) -> None:
+        super().__init__()
+        # The published model shares one PReLU between all blocks; the checkpoints still
+        # store it under every block's key, so a PReLU per block loads the same values.
+        self.CA = ChannelAttention(channels, config.reduction, config.bias)
+        self.body = nn.Sequential(
+            _conv(channels, channels, config.kernel_size, config.bias),
+            nn.PReLU(),
+            _conv(channels, channels, config.kernel_size, config.bias),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.CA(self.body(x)) + x
+
+
+def _blocks(count: int, channels: int, config: MPRNetConfig) -> nn.Sequential:
+    return nn.Sequential(*(ChannelAttentionBlock(channels, config) for _ in range(count)))
+
+
+def _resample(scale: float, in_channels: int, out_channels: int) -> nn.Sequential:
+    """Bilinear rescale followed by a 1x1 convolution that changes the width."""
+    return nn.Sequential(
+        nn.Upsample(scale_factor=scale, mode="bilinear", align_corners=False),
+        nn.Conv2d(in_channels, out_channels, 1, bias=False),
+    )
+
+
+class DownSample(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.down = _resample(0.5, in_channels, out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(x)
+
+
+class UpSample(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.up = _resample(2.0, in_channels, out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.up(x)
+
+
+class Encoder(nn.Module):
+    """Three-level U-Net encoder; with `fuse_previous`, it adds the earlier stage's features
+    (the paper's cross-stage feature fusion) at every level."""
+
+    def __init__(self, config: MPRNetConfig, fuse_previous: bool) -> None:
+        super().__init__()
+        widths = config.unet_widths
+        self.encoder_level1 = _blocks(2, widths[0], config)
+        self.encoder_level2 = _blocks(2, widths[1], config)
+        self.encoder_level3 = _blocks(2, widths[2], config)
+        self.down12 = DownSample(widths[0], widths[1])
+        self.down23 = DownSample(widths[1], widths[2])
+        self.fuse_previous = fuse_previous
+        if fuse_previous:
+            for level, width in enumerate(widths, start=1):
+                setattr(self, f"csff_enc{level}", nn.Conv2d(width, width, 1, bias=config.bias))
+            for level, width in enumerate(widths, start=1):
+                setattr(self, f"csff_dec{level}", nn.Conv2d(width, width, 1, bias=config.bias))
+
+    def _fuse(self, level: int, x: Tensor, encoded: list[Tensor] | None, decoded: list[Tensor] | None) -> Tensor:
+        if encoded is None or decoded is None:
+            return x
+        enc_conv = getattr(self, f"csff_enc{level}")
+        dec_conv = getattr(self, f"csff_dec{level}")
+        return x + enc_conv(encoded[level - 1]) + dec_conv(decoded[level - 1])
+
+    def forward(
+        self, x: Tensor, encoded: list[Tensor] | None = None, decoded: list[Tensor] | None = None
+    ) -> list[Tensor]:
+        level1 = self._fuse(1, self.encoder_level1(x), encoded, decoded)
+        level2 = self._fuse(2, self.encoder_level2(self.down12(level1)), encoded, decoded)
+        level3 = self._fuse(3, self.encoder_level3(self.down23(level2)), encoded, decoded)
+        return [level1, level2, level3]
+
+
+class SkipUpSample(UpSample):
+    def forward(self, x: Tensor, skip: Tensor) -> Tensor:
+        return self.up(x) + skip
+
+
+class Decoder(nn.Module):
+    """Three-level U-Net decoder with attention blocks on the skip connections."""
+
+    def __init__(self, config: MPRNetConfig) -> None:
+        super().__init__()
+        widths = config.unet_widths
+        self.decoder_level1 = _blocks(2, widths[0], config)
+        self.decoder_level2 = _blocks(2, widths[1], config)
+        self.decoder_level3 = _blocks(2, widths[2], config)
+        self.skip_attn1 = ChannelAttentionBlock(widths[0], config)
+        self.skip_attn2 = ChannelAttentionBlock(widths[1], config)
+        self.up21 = SkipUpSample(widths[1], widths[0])
+        self.up32 = SkipUpSample(widths[2], widths[1])
+
+    def forward(self, encoded: list[Tensor]) -> list[Tensor]:
+        level3 = self.decoder_level3(encoded[2])
+        level2 = self.decoder_level2(self.up32(level3, self.skip_attn2(encoded[1])))
+        level1 = self.decoder_level1(self.up21(level2, self.skip_attn1(encoded[0])))
+        return [level1, level2, level3]
+
+
+class SupervisedAttention(nn.Module):
+    """Predicts the stage's image and uses it to gate the features passed on (the paper's SAM)."""
+
+    def __init__(self, config: MPRNetConfig) -> None:
+        super().__init__()
+        width, bias = config.n_feat, config.bias
+        self.conv1 = _conv(width, width, 1, bias)
+        self.conv2 = _conv(width, config.out_c, 1, bias)
+        self.conv3 = _conv(config.out_c, width, 1, bias)
+
+    def forward(self, features: Tensor, degraded: Tensor) -> tuple[Tensor, Tensor]:
+        image = self.conv2(features) + degraded
+        gated = self.conv1(features) * torch.sigmoid(self.conv3(image))
+        return gated + features, image
+
+
+class OriginalResolutionBlock(nn.Module):
+    """A run of attention blocks and a convolution, with a residual connection (ORB)."""
+
+    def __init__(self, width: int, config: MPRNetConfig) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            *(ChannelAttentionBlock(width, config) for _ in range(config.num_cab)),
+            _conv(width, width, config.kernel_size, bias=False),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x) + x
+
+
+class OriginalResolutionSubnet(nn.Module):
+    """Stage 3: full-resolution blocks that take in the stage-2 U-Net features (ORSNet)."""
+
+    def __init__(self, config: MPRNetConfig) -> None:
+        super().__init__()
+        n_feat, widths = config.n_feat, config.unet_widths
+        width = config.orsnet_width
+        self.orb1 = OriginalResolutionBlock(width, config)
+        self.orb2 = OriginalResolutionBlock(width, config)
+        self.orb3 = OriginalResolutionBlock(width, config)
+        self.up_enc1 = UpSample(widths[1], widths[0])
+        self.up_dec1 = UpSample(widths[1], widths[0])
+        self.up_enc2 = nn.Sequential(UpSample(widths[2], widths[1]), UpSample(widths[1], widths[0]))
+        self.up_dec2 = nn.Sequential(UpSample(widths[2], widths[1]), UpSample(widths[1], widths[0]))
+        for name in ("conv_enc1", "conv_enc2", "conv_enc3", "conv_dec1", "conv_dec2", "conv_dec3"):
+            setattr(self, name, nn.Conv2d(n_feat, width, 1, bias=config.bias))
+
+    def forward(self, x: Tensor, encoded: list[Tensor], decoded: list[Tensor]) -> Tensor:
+        x = self.orb1(x) + self.conv_enc1(encoded[0]) + self.conv_dec1(decoded[0])
+        x = self.orb2(x) + self.conv_enc2(self.up_enc1(encoded[1])) + self.conv_dec2(self.up_dec1(decoded[1]))
+        x = self.orb3(x) + self.conv_enc3(self.up_enc2(encoded[2])) + self.conv_dec3(self.up_dec2(decoded[2]))
+        return x
+
+
+def _shallow_features(config: MPRNetConfig) -> nn.Sequential:
+    return nn.Sequential(
+        _conv(config.in_c, config.n_feat, config.kernel_size, config.bias),
+        ChannelAttentionBlock(config.n_feat, config),
+    )
+
+
+class MPRNet(nn.Module):
+    """The three-stage network. `forward` takes images whose sides are multiples of
+    `SIZE_MULTIPLE` and returns the (stage 3, stage 2, stage 1) restored images."""
+
+    def __init__(self, config: MPRNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.shallow_feat1 = _shallow_features(config)
+        self.shallow_feat2 = _shallow_features(config)
+        self.shallow_feat3 = _shallow_features(config)
+        self.stage1_encoder = Encoder(config, fuse_previous=False)
+        self.stage1_decoder = Decoder(config)
+        self.stage2_encoder = Encoder(config, fuse_previous=True)
+        self.stage2_decoder = Decoder(config)
+        self.stage3_orsnet = OriginalResolutionSubnet(config)
+        self.sam12 = SupervisedAttention(config)
+        self.sam23 = SupervisedAttention(config)
+        self.concat12 = _conv(2 * config.n_feat, config.n_feat, config.kernel_size, config.bias)
+        self.concat23 = _conv(2 * config.n_feat, config.orsnet_width, config.kernel_size, config.bias)
+        self.tail = _conv(config.orsnet_width, config.out_c, config.kernel_size, config.bias)
+
+    def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        height, width = image.shape[-2:]
+        if height % SIZE_MULTIPLE or width % SIZE_MULTIPLE:
+            raise ValueError(f"MPRNet needs sides that are multiples of {SIZE_MULTIPLE}, got {height}x{width}")
+        # Batch layout: stage 2 works on [top; bottom] halves, stage 1 on
+        # [top-left; bottom-left; top-right; bottom-right] quarters.
+        halves = _split(image, dim=2)
+        quarters = _split(halves, dim=3)
+
+        # Stage 1: encode the quarters, decode the halves.
+        encoded1 = [_join(f, dim=3) for f in self.stage1_encoder(self.shallow_feat1(quarters))]
+        decoded1 = self.stage1_decoder(encoded1)
+        gated1, stage1_halves = self.sam12(decoded1[0], halves)
+
+        # Stage 2: encode the halves with stage-1 fusion, decode the whole image.
+        x2 = self.concat12(torch.cat([self.shallow_feat2(halves), gated1], dim=1))
+        encoded2 = [_join(f, dim=2) for f in self.stage2_encoder(x2, encoded1, decoded1)]
+        del encoded1, decoded1, gated1, x2
+        decoded2 = self.stage2_decoder(encoded2)
+        gated2, stage2_image = self.sam23(decoded2[0], image)
+
+        # Stage 3: full resolution.
+        x3 = self.concat23(torch.cat([self.shallow_feat3(image), gated2], dim=1))
+        del gated2
+        x3 = self.stage3_orsnet(x3, encoded2, decoded2)
+        return self.tail(x3) + image, stage2_image, _join(stage1_halves, dim=2)
