@@ -1,0 +1,216 @@
+"""Decode and encode images, keeping what a photographer expects to survive.
+
+Pillow does the formats and the metadata (EXIF orientation applied, ICC and EXIF carried).
+Pillow reads 16-bit RGB as 8 bits, so 16-bit colour PNG and TIFF pixels go through
+OpenCV instead, and 16-bit PNGs get their ICC and EXIF chunks written back by hand.
+Files are written atomically: a temporary file beside the target, then a rename, so an
+interrupted run never leaves a truncated image under the final name.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import secrets
+import struct
+import zlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from mprnet_cli.errors import InputError, OutputError
+
+logger = logging.getLogger("mprnet")
+
+# We enforce our own pixel limit (read_image's max_pixels) with a clear message.
+Image.MAX_IMAGE_PIXELS = None
+
+#: Output extensions and the Pillow format each one writes.
+FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP"}
+_SIXTEEN_BIT_FORMATS = {"PNG", "TIFF"}
+_METADATA_FORMATS = {"PNG", "JPEG", "WEBP", "TIFF"}
+_EXIF_ORIENTATION = 0x0112
+
+
+@dataclass(frozen=True)
+class Picture:
+    """Decoded pixels (HxW, HxWx2, HxWx3 or HxWx4; uint8 or uint16) and the metadata to keep."""
+
+    pixels: np.ndarray
+    icc_profile: bytes | None = None
+    exif: bytes | None = None
+
+    def with_pixels(self, pixels: np.ndarray) -> Picture:
+        return replace(self, pixels=pixels)
+
+
+def read_image(path: Path, max_pixels: int | None = None) -> Picture:
+    """Read an image file; raises InputError with the path and the reason."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory") from None
+    except OSError as error:
+        raise InputError(f"{path}: cannot read ({error.strerror or error})") from None
+    return decode_image(data, str(path), max_pixels)
+
+
+def decode_image(data: bytes, label: str, max_pixels: int | None = None) -> Picture:
+    """Decode image bytes (`label` names the source in messages: a path, or `-` for stdin)."""
+    if not data:
+        raise InputError(f"{label}: empty file, not an image")
+    try:
+        image = Image.open(io.BytesIO(data))
+        if max_pixels is not None and image.width * image.height > max_pixels:
+            raise InputError(
+                f"{label}: {image.width}x{image.height} is over the {max_pixels:,}-pixel limit (raise it with --max-pixels)"
+            )
+        image.load()
+        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+        icc_profile = image.info.get("icc_profile") or None
+        sixteen_bit_color = _is_sixteen_bit_color(image, data)
+        image = ImageOps.exif_transpose(image)
+        exif = image.info.get("exif") or None
+        pixels = _decode_sixteen_bit(data, orientation) if sixteen_bit_color else _pil_pixels(image, label)
+    except UnidentifiedImageError:
+        raise InputError(f"{label}: not an image, or a format mprnet cannot read") from None
+    except (OSError, SyntaxError, ValueError, struct.error) as error:
+        raise InputError(f"{label}: truncated or corrupt image ({error})") from None
+    return Picture(pixels=pixels, icc_profile=icc_profile, exif=exif)
+
+
+def _is_sixteen_bit_color(image: Image.Image, data: bytes) -> bool:
+    if image.mode not in ("RGB", "RGBA"):
+        return False
+    if image.format == "PNG":
+        return data[24] == 16  # bit depth byte of the IHDR chunk
+    if image.format == "TIFF":
+        return 16 in (image.tag_v2.get(258) or ())  # BitsPerSample
+    return False
+
+
+def _decode_sixteen_bit(data: bytes, orientation: int) -> np.ndarray:
+    import cv2
+
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if pixels is None or pixels.dtype != np.uint16:
+        raise ValueError("OpenCV could not decode the 16-bit pixels")
+    pixels = cv2.cvtColor(pixels, cv2.COLOR_BGRA2RGBA if pixels.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+    return np.ascontiguousarray(_orient(pixels, orientation))
+
+
+def _orient(pixels: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply an EXIF orientation code, as `ImageOps.exif_transpose` does for Pillow images."""
+    transforms = {
+        2: lambda a: a[:, ::-1],
+        3: lambda a: a[::-1, ::-1],
+        4: lambda a: a[::-1],
+        5: lambda a: a.swapaxes(0, 1),
+        6: lambda a: np.rot90(a, -1),
+        7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
+        8: lambda a: np.rot90(a, 1),
+    }
+    return transforms[orientation](pixels) if orientation in transforms else pixels
+
+
+def _pil_pixels(image: Image.Image, label: str) -> np.ndarray:
+    if image.mode.startswith("I;16"):
+        return np.asarray(image).astype(np.uint16)
+    if image.mode in ("I", "F"):
+        raise InputError(f"{label}: 32-bit integer and float images are not supported; convert to 8 or 16 bits")
+    if image.mode not in ("L", "LA", "RGB", "RGBA"):
+        has_alpha = "A" in image.getbands() or "transparency" in image.info
+        image = image.convert("RGBA" if has_alpha else "RGB")
+    return np.asarray(image)
+
+
+def format_for(path: Path) -> str:
+    """The Pillow format name for an output path's extension."""
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise OutputError(f"{path}: unknown output format {path.suffix!r}; use one of {', '.join(sorted(FORMATS))}")
+    return fmt
+
+
+def encode_image(picture: Picture, fmt: str, quality: int = 95) -> bytes:
+    """Encode to `fmt` ('PNG', 'JPEG', ...). 16-bit pixels stay 16-bit where the format
+    allows; alpha is dropped (with a warning) where it does not."""
+    pixels = picture.pixels
+    if fmt in ("JPEG", "BMP") and _has_alpha(pixels):
+        logger.warning("%s cannot store transparency; the alpha channel is dropped", fmt)
+        pixels = pixels[..., :-1] if pixels.shape[-1] == 4 else pixels[..., 0]
+    if pixels.dtype == np.uint16 and fmt not in _SIXTEEN_BIT_FORMATS:
+        logger.warning("%s cannot store 16 bits per channel; writing 8 bits", fmt)
+        pixels = np.round(pixels / 257.0).astype(np.uint8)
+    if pixels.dtype == np.uint16 and pixels.ndim == 3:
+        return _encode_sixteen_bit_color(pixels, fmt, picture)
+    options: dict[str, object] = {}
+    if fmt in _METADATA_FORMATS:
+        options.update({k: v for k, v in (("icc_profile", picture.icc_profile), ("exif", picture.exif)) if v})
+    if fmt == "JPEG":
+        options.update(quality=quality, subsampling=0 if quality >= 90 else 2)
+    elif fmt == "WEBP":
+        options.update(quality=quality, lossless=quality >= 100)
+    elif fmt == "TIFF":
+        options.update(compression="tiff_lzw")
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def _has_alpha(pixels: np.ndarray) -> bool:
+    return pixels.ndim == 3 and pixels.shape[2] in (2, 4)
+
+
+def _encode_sixteen_bit_color(pixels: np.ndarray, fmt: str, picture: Picture) -> bytes:
+    import cv2
+
+    order = cv2.COLOR_RGBA2BGRA if pixels.shape[2] == 4 else cv2.COLOR_RGB2BGR
+    ok, encoded = cv2.imencode(".png" if fmt == "PNG" else ".tiff", cv2.cvtColor(pixels, order))
+    if not ok:
+        raise OutputError(f"OpenCV could not encode a 16-bit {fmt}")
+    data = encoded.tobytes()
+    if fmt == "PNG":
+        return _add_png_metadata(data, picture.icc_profile, picture.exif)
+    if picture.icc_profile or picture.exif:
+        logger.warning("16-bit TIFF output does not keep the ICC profile or EXIF")
+    return data
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _add_png_metadata(png: bytes, icc_profile: bytes | None, exif: bytes | None) -> bytes:
+    """Insert iCCP and eXIf chunks right after IHDR (both must come before the image data)."""
+    chunks = b""
+    if icc_profile:
+        chunks += _png_chunk(b"iCCP", b"ICC profile\0\0" + zlib.compress(icc_profile))
+    if exif:
+        chunks += _png_chunk(b"eXIf", exif.removeprefix(b"Exif\0\0"))
+    end_of_header = 8 + 8 + 13 + 4  # signature, IHDR length+type, IHDR body, CRC
+    return png[:end_of_header] + chunks + png[end_of_header:]
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers only ever see the old file or the whole new one."""
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
+    try:
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        reason = error.strerror or str(error)
+        raise OutputError(f"{path}: cannot write ({reason})") from None
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
