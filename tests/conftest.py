@@ -1,0 +1,36 @@
+"""Every test runs with its own caches and config, offline from the real hub."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).parent / "data"
+PARITY = DATA / "parity"
+TINY_CHECKPOINT = PARITY / "tiny_checkpoint.pth"
+
+
+@pytest.fixture(autouse=True)
+def isolated_user_state(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point every cache and config location at a fresh folder, and drop user overrides."""
+    home = tmp_path_factory.mktemp("home")
+    for name in ("HF_TOKEN", "HF_HUB_OFFLINE", "HF_ENDPOINT", "MPRNET_DEBUG", "NO_COLOR"):
+        monkeypatch.delenv(name, raising=False)
+    for name in [n for n in __import__("os").environ if n.startswith("MPRNET_")]:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("HF_HOME", str(home / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(home / "hf" / "hub"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / "config"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(home / "state"))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    return home
+
+
+@pytest.fixture
+def tiny_checkpoint() -> Path:
+    """The seeded random tiny MPRNet (n_feat 16/8/8) saved as the authors save checkpoints."""
+    return TINY_CHECKPOINT
