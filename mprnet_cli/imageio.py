@@ -33,6 +33,9 @@ FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".ti
 _SIXTEEN_BIT_FORMATS = {"PNG", "TIFF"}
 _METADATA_FORMATS = {"PNG", "JPEG", "WEBP", "TIFF"}
 _EXIF_ORIENTATION = 0x0112
+# TIFF keeps EXIF-like tags among its structural ones (sizes, strip offsets...); only these
+# descriptive ones are carried from a TIFF into the output's EXIF.
+_TIFF_DESCRIPTIVE_TAGS = (0x010E, 0x010F, 0x0110, 0x0131, 0x0132, 0x013B, 0x8298)
 
 
 @dataclass(frozen=True)
@@ -74,14 +77,24 @@ def decode_image(data: bytes, label: str, max_pixels: int | None = None) -> Pict
         orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
         icc_profile = image.info.get("icc_profile") or None
         sixteen_bit_color = _is_sixteen_bit_color(image, data)
+        tiff_exif = _tiff_descriptive_exif(image) if image.format == "TIFF" else None
         image = ImageOps.exif_transpose(image)
-        exif = image.info.get("exif") or None
+        exif = tiff_exif or image.info.get("exif") or None
         pixels = _decode_sixteen_bit(data, orientation) if sixteen_bit_color else _pil_pixels(image, label)
     except UnidentifiedImageError:
         raise InputError(f"{label}: not an image, or a format mprnet cannot read") from None
     except (OSError, SyntaxError, ValueError, struct.error) as error:
         raise InputError(f"{label}: truncated or corrupt image ({error})") from None
     return Picture(pixels=pixels, icc_profile=icc_profile, exif=exif)
+
+
+def _tiff_descriptive_exif(image: Image.Image) -> bytes | None:
+    tags = image.getexif()
+    kept = Image.Exif()
+    for tag in _TIFF_DESCRIPTIVE_TAGS:
+        if tag in tags:
+            kept[tag] = tags[tag]
+    return kept.tobytes() if len(kept) else None
 
 
 def _is_sixteen_bit_color(image: Image.Image, data: bytes) -> bool:

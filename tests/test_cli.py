@@ -1,0 +1,189 @@
+"""The command line, through Typer's runner and through the real `mprnet` executable."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from mprnet_cli.cli import app
+from mprnet_cli.model.config import TASK_CONFIGS
+from mprnet_cli.model.network import MPRNet
+
+from .conftest import PARITY, TINY_CHECKPOINT
+
+runner = CliRunner()
+WEIGHTS = ["--weights", str(TINY_CHECKPOINT)]
+MPRNET = Path(sys.executable).parent / "mprnet"
+
+
+@pytest.fixture
+def photo(tmp_path: Path) -> Path:
+    path = tmp_path / "photo.png"
+    shutil.copy(PARITY / "input_61x45.png", path)
+    return path
+
+
+def _authors_result() -> np.ndarray:
+    return np.asarray(Image.open(PARITY / "restored_61x45.png")).astype(int)
+
+
+def test_help_shows_examples_and_the_license() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    text = " ".join(result.stdout.split())
+    assert "mprnet deblur photo.jpg -o sharp.jpg" in text
+    assert "Academic Public License: non-commercial use only" in text
+    for task in ("deblur", "derain", "denoise"):
+        task_help = " ".join(runner.invoke(app, [task, "--help"]).stdout.split())
+        assert f"mprnet {task} " in task_help.split("Example:")[1]
+        assert "non-commercial use only" in task_help
+
+
+def test_version() -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.stdout.startswith("mprnet ")
+
+
+def test_restore_to_a_named_file(photo: Path, tmp_path: Path) -> None:
+    target = tmp_path / "sharp.png"
+    result = runner.invoke(app, ["deblur", str(photo), "-o", str(target), *WEIGHTS])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == ""
+    assert result.stderr.startswith(f"{photo} -> {target} (0.00 MP, ")
+    assert np.abs(np.asarray(Image.open(target)).astype(int) - _authors_result()).max() <= 1
+
+
+def test_default_output_sits_beside_the_input_with_a_task_suffix(photo: Path) -> None:
+    before = photo.read_bytes()
+    result = runner.invoke(app, ["derain", str(photo), *WEIGHTS, "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    assert (result.stdout, result.stderr) == ("", "")
+    assert (photo.parent / "photo_derained.png").is_file()
+    assert photo.read_bytes() == before
+
+
+def test_jpeg_output_with_quality(photo: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["denoise", str(photo), "-o", str(tmp_path / "x.jpg"), "--quality", "80", *WEIGHTS])
+    assert result.exit_code == 0, result.stderr
+    assert Image.open(tmp_path / "x.jpg").format == "JPEG"
+
+
+def test_stdin_to_stdout(photo: Path) -> None:
+    result = runner.invoke(app, ["deblur", "-", "-o", "-", *WEIGHTS], input=photo.read_bytes())
+    assert result.exit_code == 0, result.stderr
+    restored = Image.open(io.BytesIO(result.stdout_bytes))
+    assert restored.format == "PNG"
+    assert np.abs(np.asarray(restored).astype(int) - _authors_result()).max() <= 1
+    assert result.stderr.startswith("- -> stdout")
+
+
+def _error(args: list[str], **kwargs: object) -> tuple[int, str]:
+    result = runner.invoke(app, args, **kwargs)  # type: ignore[arg-type]
+    assert result.stdout == ""
+    return result.exit_code, result.stderr
+
+
+def test_missing_input(tmp_path: Path) -> None:
+    assert _error(["deblur", str(tmp_path / "nope.png"), *WEIGHTS]) == (2, f"error: {tmp_path / 'nope.png'}: no such file\n")
+
+
+def test_input_that_is_not_an_image(tmp_path: Path) -> None:
+    notes = tmp_path / "notes.png"
+    notes.write_text("hello")
+    assert _error(["deblur", str(notes), *WEIGHTS]) == (2, f"error: {notes}: not an image, or a format mprnet cannot read\n")
+
+
+def test_stdin_that_is_not_an_image() -> None:
+    assert _error(["deblur", "-", "-o", "-", *WEIGHTS], input=b"garbage") == (
+        2,
+        "error: stdin: not an image, or a format mprnet cannot read\n",
+    )
+
+
+def test_refuses_to_overwrite_the_input(photo: Path) -> None:
+    code, stderr = _error(["deblur", str(photo), "-o", str(photo), *WEIGHTS])
+    assert (code, stderr) == (2, f"error: {photo}: refusing to overwrite the input; choose another output name\n")
+
+
+def test_unwritable_output_leaves_nothing(photo: Path, tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    target = locked / "missing-dir" / "out.png"
+    code, stderr = _error(["deblur", str(photo), "-o", str(target), *WEIGHTS])
+    assert (code, stderr) == (2, f"error: {target}: cannot write (No such file or directory)\n")
+    assert list(locked.iterdir()) == []
+
+
+def test_unknown_output_format(photo: Path, tmp_path: Path) -> None:
+    code, stderr = _error(["deblur", str(photo), "-o", str(tmp_path / "x.gif"), *WEIGHTS])
+    assert code == 2 and stderr.startswith(f"error: {tmp_path / 'x.gif'}: unknown output format '.gif'")
+
+
+def test_missing_weights_file(photo: Path, tmp_path: Path) -> None:
+    code, stderr = _error(["deblur", str(photo), "--weights", str(tmp_path / "w.pth")])
+    assert (code, stderr) == (2, f"error: checkpoint not found: {tmp_path / 'w.pth'}\n")
+
+
+def test_checkpoint_of_another_task(photo: Path, tmp_path: Path) -> None:
+    derain = tmp_path / "model_deraining.pth"
+    torch.save({"state_dict": MPRNet(TASK_CONFIGS["derain"]).state_dict()}, derain)
+    code, stderr = _error(["deblur", str(photo), "--weights", str(derain)])
+    assert (code, stderr) == (2, f"error: {derain} looks like a derain checkpoint: run `mprnet derain`, not `mprnet deblur`\n")
+
+
+def test_unavailable_device(photo: Path) -> None:
+    code, stderr = _error(["deblur", str(photo), "--device", "cuda", *WEIGHTS])
+    assert code == 2 and stderr.startswith("error: --device cuda: no CUDA GPU is available")
+
+
+def test_debug_shows_the_exception(photo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MPRNET_DEBUG", "1")
+    result = runner.invoke(app, ["deblur", str(photo), "--weights", "nope.pth"])
+    assert result.exit_code == 1
+    assert "checkpoint not found: nope.pth" in str(result.exception)
+
+
+def _run(command: str | list[str], **kwargs: object) -> subprocess.CompletedProcess[bytes]:
+    env = {**os.environ, "NO_COLOR": "1"}
+    return subprocess.run(command, capture_output=True, env=env, timeout=120, **kwargs)  # type: ignore[call-overload]
+
+
+def test_real_executable_in_a_shell_pipe(photo: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.png"
+    pipeline = f"cat '{photo}' | '{MPRNET}' deblur - -o - --weights '{TINY_CHECKPOINT}' > '{out}'"
+    finished = _run(["bash", "-o", "pipefail", "-c", pipeline])
+    assert finished.returncode == 0, finished.stderr
+    assert np.abs(np.asarray(Image.open(out)).astype(int) - _authors_result()).max() <= 1
+
+
+def test_real_executable_usage_error_is_one_line(photo: Path) -> None:
+    finished = _run([str(MPRNET), "deblur", str(photo), "--tile", "33"])
+    assert finished.returncode == 2
+    assert finished.stdout == b""
+    assert finished.stderr.decode() == (
+        "error: Invalid value: 33: a tile size must be a multiple of 8 and at least 32 (or 0 for none) "
+        "(see `mprnet --help`)\n"
+    )
+
+
+def test_real_executable_help_is_fast_and_has_examples() -> None:
+    finished = _run([str(MPRNET), "--help"])
+    assert finished.returncode == 0
+    assert b"mprnet deblur photo.jpg" in finished.stdout
+    assert b"torch" not in _run([sys.executable, "-X", "importtime", "-c", "import mprnet_cli.cli"]).stderr
+
+
+def test_module_entry_point(photo: Path) -> None:
+    finished = _run([sys.executable, "-m", "mprnet_cli", "--version"])
+    assert finished.returncode == 0 and finished.stdout.startswith(b"mprnet ")

@@ -1,0 +1,85 @@
+"""Device and precision choice, including the CUDA paths this CPU-only CI can only simulate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mprnet_cli import devices
+from mprnet_cli.errors import DeviceError
+
+
+def _fake_cuda(monkeypatch: pytest.MonkeyPatch, count: int, bf16: bool = True) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+
+
+def _fake_mps(monkeypatch: pytest.MonkeyPatch, available: bool) -> None:
+    monkeypatch.setattr(devices, "_mps_available", lambda: available)
+
+
+def test_auto_prefers_cuda_then_mps_then_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_cuda(monkeypatch, 2)
+    _fake_mps(monkeypatch, True)
+    assert devices.resolve_device("auto") == torch.device("cuda")
+    _fake_cuda(monkeypatch, 0)
+    assert devices.resolve_device("auto") == torch.device("mps")
+    _fake_mps(monkeypatch, False)
+    assert devices.resolve_device("auto") == torch.device("cpu")
+
+
+def test_named_cuda_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_cuda(monkeypatch, 2)
+    assert devices.resolve_device("cuda") == torch.device("cuda", 0)
+    assert devices.resolve_device("CUDA:1") == torch.device("cuda", 1)
+    with pytest.raises(DeviceError, match=r"--device cuda:2: only 2 CUDA device\(s\) here \(cuda:0 to cuda:1\)"):
+        devices.resolve_device("cuda:2")
+    with pytest.raises(DeviceError, match="expected cuda or cuda:N"):
+        devices.resolve_device("cuda:x")
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("cuda", "--device cuda: no CUDA GPU is available"),
+        ("mps", "--device mps: Apple's MPS backend is not available on this machine"),
+        ("tpu", "--device tpu: expected one of auto, cpu, cuda, cuda:N, mps"),
+    ],
+)
+def test_unavailable_devices_are_clear_errors(monkeypatch: pytest.MonkeyPatch, name: str, message: str) -> None:
+    _fake_cuda(monkeypatch, 0)
+    _fake_mps(monkeypatch, False)
+    with pytest.raises(DeviceError) as error:
+        devices.resolve_device(name)
+    assert error.value.message.startswith(message)
+
+
+def test_precision_auto_follows_the_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_cuda(monkeypatch, 1, bf16=True)
+    assert devices.resolve_precision("auto", torch.device("cuda")) == torch.bfloat16
+    _fake_cuda(monkeypatch, 1, bf16=False)
+    assert devices.resolve_precision("auto", torch.device("cuda")) == torch.float32
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
+    assert devices.resolve_precision("auto", torch.device("cpu")) == torch.bfloat16
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
+    assert devices.resolve_precision("auto", torch.device("cpu")) == torch.float32
+    assert devices.resolve_precision("auto", torch.device("mps")) == torch.float32
+
+
+def test_explicit_precisions() -> None:
+    cpu = torch.device("cpu")
+    assert devices.resolve_precision("fp32", cpu) == torch.float32
+    assert devices.resolve_precision("BF16", cpu) == torch.bfloat16
+    assert devices.resolve_precision("fp16", torch.device("cuda")) == torch.float16
+    with pytest.raises(DeviceError, match="--precision fp16 is for GPUs"):
+        devices.resolve_precision("fp16", cpu)
+    with pytest.raises(DeviceError, match="--precision int8: expected auto, fp32, bf16, fp16"):
+        devices.resolve_precision("int8", cpu)
+
+
+def test_out_of_memory_errors_are_recognised() -> None:
+    assert devices.is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert devices.is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate"))
+    assert not devices.is_out_of_memory(RuntimeError("shape mismatch"))
+    assert not devices.is_out_of_memory(ValueError("out of memory"))

@@ -1,0 +1,197 @@
+"""Decoding and encoding: pixel formats, metadata, errors, and atomic writes."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image, ImageCms, ImageOps
+
+from mprnet_cli import imageio
+from mprnet_cli.errors import InputError, OutputError
+from mprnet_cli.imageio import Picture, decode_image, encode_image, format_for, read_image, write_atomic
+
+RNG = np.random.default_rng(7)
+SRGB_ICC = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+def _pil_bytes(image: Image.Image, fmt: str = "PNG", **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def _cv2_bytes(pixels_rgb: np.ndarray, ext: str) -> bytes:
+    order = cv2.COLOR_RGBA2BGRA if pixels_rgb.shape[2] == 4 else cv2.COLOR_RGB2BGR
+    ok, encoded = cv2.imencode(ext, cv2.cvtColor(pixels_rgb, order))
+    assert ok
+    return encoded.tobytes()
+
+
+@pytest.mark.parametrize(("shape", "mode"), [((5, 7, 3), "RGB"), ((5, 7), "L"), ((5, 7, 4), "RGBA"), ((5, 7, 2), "LA")])
+def test_eight_bit_modes_round_trip_exactly(shape: tuple[int, ...], mode: str) -> None:
+    pixels = RNG.integers(0, 256, shape, dtype=np.uint8)
+    picture = decode_image(_pil_bytes(Image.fromarray(pixels)), "x")
+    assert Image.open(io.BytesIO(encode_image(picture, "PNG"))).mode == mode
+    assert picture.pixels.dtype == np.uint8
+    np.testing.assert_array_equal(picture.pixels, pixels)
+    again = decode_image(encode_image(picture, "PNG"), "y")
+    np.testing.assert_array_equal(again.pixels, pixels)
+
+
+def test_sixteen_bit_gray_png_stays_sixteen_bit() -> None:
+    pixels = RNG.integers(0, 65536, (6, 4), dtype=np.uint16)
+    picture = decode_image(_pil_bytes(Image.fromarray(pixels)), "gray16.png")
+    assert picture.pixels.dtype == np.uint16
+    np.testing.assert_array_equal(picture.pixels, pixels)
+    np.testing.assert_array_equal(decode_image(encode_image(picture, "PNG"), "again").pixels, pixels)
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+@pytest.mark.parametrize("ext", [".png", ".tiff"])
+def test_sixteen_bit_colour_is_read_and_written_as_sixteen_bit(channels: int, ext: str) -> None:
+    pixels = RNG.integers(0, 65536, (6, 5, channels), dtype=np.uint16)
+    picture = decode_image(_cv2_bytes(pixels, ext), f"colour16{ext}")
+    assert picture.pixels.dtype == np.uint16
+    np.testing.assert_array_equal(picture.pixels, pixels)
+    fmt = "PNG" if ext == ".png" else "TIFF"
+    np.testing.assert_array_equal(decode_image(encode_image(picture, fmt), "again").pixels, pixels)
+
+
+def test_sixteen_bit_png_keeps_icc_and_exif() -> None:
+    exif = Image.Exif()
+    exif[0x010F] = "Camera Maker"
+    picture = Picture(RNG.integers(0, 65536, (4, 4, 3), dtype=np.uint16), icc_profile=SRGB_ICC, exif=exif.tobytes())
+    reread = Image.open(io.BytesIO(encode_image(picture, "PNG")))
+    assert reread.info["icc_profile"] == SRGB_ICC
+    assert reread.getexif()[0x010F] == "Camera Maker"
+    assert decode_image(encode_image(picture, "PNG"), "x").pixels.dtype == np.uint16
+
+
+def test_sixteen_bit_to_jpeg_is_written_as_eight_bit(caplog: pytest.LogCaptureFixture) -> None:
+    picture = Picture(np.full((4, 4, 3), 65535, dtype=np.uint16))
+    decoded = decode_image(encode_image(picture, "JPEG"), "x")
+    assert decoded.pixels.dtype == np.uint8 and decoded.pixels.min() >= 250
+    assert "JPEG cannot store 16 bits per channel; writing 8 bits" in caplog.text
+
+
+def test_alpha_is_dropped_with_a_warning_where_the_format_has_none(caplog: pytest.LogCaptureFixture) -> None:
+    picture = Picture(np.zeros((4, 4, 4), dtype=np.uint8))
+    assert decode_image(encode_image(picture, "JPEG"), "x").pixels.shape == (4, 4, 3)
+    assert "JPEG cannot store transparency; the alpha channel is dropped" in caplog.text
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "TIFF"])
+def test_icc_and_exif_are_carried(fmt: str) -> None:
+    exif = Image.Exif()
+    exif[0x010F] = "Camera Maker"
+    source = _pil_bytes(Image.new("RGB", (8, 6), (10, 20, 30)), fmt, icc_profile=SRGB_ICC, exif=exif.tobytes())
+    picture = decode_image(source, "x")
+    assert picture.icc_profile == SRGB_ICC
+    written = Image.open(io.BytesIO(encode_image(picture, fmt)))
+    assert written.info.get("icc_profile") == SRGB_ICC
+    assert written.getexif()[0x010F] == "Camera Maker"
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_and_cleared(orientation: int) -> None:
+    pixels = RNG.integers(0, 256, (4, 6, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    source = _pil_bytes(Image.fromarray(pixels), "PNG", exif=exif.tobytes())
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(source))))
+    picture = decode_image(source, "x")
+    np.testing.assert_array_equal(picture.pixels, expected)
+    # The 16-bit path orients with numpy; it must agree with Pillow.
+    np.testing.assert_array_equal(imageio._orient(pixels, orientation), expected)
+    written = Image.open(io.BytesIO(encode_image(picture, "PNG")))
+    assert written.getexif().get(0x0112, 1) == 1
+
+
+def test_palette_image_becomes_rgb() -> None:
+    palette_image = Image.new("P", (4, 4), 1)
+    palette_image.putpalette([0, 0, 0, 200, 0, 0])
+    picture = decode_image(_pil_bytes(palette_image), "p.png")
+    assert picture.pixels.shape == (4, 4, 3)
+    assert tuple(picture.pixels[0, 0]) == (200, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "x.png: empty file, not an image"),
+        (b"hello, not an image", "x.png: not an image, or a format mprnet cannot read"),
+    ],
+)
+def test_undecodable_bytes(data: bytes, message: str) -> None:
+    with pytest.raises(InputError) as error:
+        decode_image(data, "x.png")
+    assert error.value.message == message
+
+
+def test_truncated_image() -> None:
+    data = _pil_bytes(Image.fromarray(RNG.integers(0, 256, (64, 64, 3), dtype=np.uint8)))
+    with pytest.raises(InputError, match=r"^cut.png: truncated or corrupt image"):
+        decode_image(data[: len(data) // 2], "cut.png")
+
+
+def test_pixel_limit_is_checked_before_decoding() -> None:
+    with pytest.raises(InputError) as error:
+        decode_image(_pil_bytes(Image.new("RGB", (100, 50))), "big.png", max_pixels=4999)
+    assert error.value.message == "big.png: 100x50 is over the 4,999-pixel limit (raise it with --max-pixels)"
+
+
+def test_missing_file_and_directory(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="nope.png: no such file"):
+        read_image(tmp_path / "nope.png")
+    with pytest.raises(InputError, match="is a directory"):
+        read_image(tmp_path)
+
+
+def test_output_format_comes_from_the_extension() -> None:
+    assert [format_for(Path(f"a{ext}")) for ext in (".PNG", ".jpeg", ".webp", ".tif", ".bmp")] == [
+        "PNG", "JPEG", "WEBP", "TIFF", "BMP",
+    ]
+    with pytest.raises(OutputError, match=r"a.gif: unknown output format '.gif'"):
+        format_for(Path("a.gif"))
+
+
+def test_write_atomic_replaces_the_whole_file(tmp_path: Path) -> None:
+    target = tmp_path / "out.png"
+    target.write_bytes(b"old")
+    write_atomic(target, b"new content")
+    assert target.read_bytes() == b"new content"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
+
+
+def test_write_atomic_into_a_missing_directory(tmp_path: Path) -> None:
+    with pytest.raises(OutputError) as error:
+        write_atomic(tmp_path / "missing" / "out.png", b"x")
+    assert error.value.message == f"{tmp_path / 'missing' / 'out.png'}: cannot write (No such file or directory)"
+
+
+def test_interrupted_write_leaves_the_old_file_and_no_partial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "out.png"
+    target.write_bytes(b"old")
+
+    def fail_fsync(descriptor: int) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(imageio.os, "fsync", fail_fsync)
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(target, b"new")
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
+
+
+def test_disk_full_is_an_output_error_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def disk_full(descriptor: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(imageio.os, "fsync", disk_full)
+    with pytest.raises(OutputError, match=r"out.png: cannot write \(No space left on device\)"):
+        write_atomic(tmp_path / "out.png", b"new")
+    assert list(tmp_path.iterdir()) == []

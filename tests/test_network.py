@@ -1,0 +1,68 @@
+"""Our MPRNet against the authors': same state-dict layout, same numbers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mprnet_cli.checkpoints import read_state_dict
+from mprnet_cli.model.config import TASK_CONFIGS, MPRNetConfig, infer_config
+from mprnet_cli.model.network import MPRNet
+
+from .conftest import DATA, PARITY, TINY_CHECKPOINT
+
+MANIFEST = json.loads((DATA / "state_dict_manifest.json").read_text())
+
+
+@pytest.mark.parametrize("task", sorted(TASK_CONFIGS))
+def test_state_dict_has_the_published_keys_shapes_and_order(task: str) -> None:
+    expected = MANIFEST[task]
+    assert MPRNetConfig(**expected["config"]) == TASK_CONFIGS[task]
+    with torch.device("meta"):
+        model = MPRNet(TASK_CONFIGS[task])
+    actual = [[key, list(tensor.shape)] for key, tensor in model.state_dict().items()]
+    assert actual == expected["tensors"]
+    assert sum(tensor.numel() for tensor in model.state_dict().values()) == expected["num_params"]
+
+
+@pytest.mark.parametrize("task", sorted(TASK_CONFIGS))
+def test_config_is_read_back_from_shapes(task: str) -> None:
+    with torch.device("meta"):
+        state = MPRNet(TASK_CONFIGS[task]).state_dict()
+    assert infer_config(state) == TASK_CONFIGS[task]
+
+
+def test_unusual_hyper_parameters_are_read_back() -> None:
+    config = MPRNetConfig(n_feat=12, scale_unetfeats=4, scale_orsnetfeats=6, num_cab=3, reduction=3, bias=True)
+    assert infer_config(MPRNet(config).state_dict()) == config
+
+
+@pytest.mark.parametrize("size", ["64x48", "61x45"])
+def test_stage_outputs_match_the_authors_code(size: str) -> None:
+    expected = np.load(PARITY / f"expected_{size}.npz")
+    state = read_state_dict(TINY_CHECKPOINT)
+    model = MPRNet(infer_config(state))
+    model.load_state_dict(state)
+    with torch.inference_mode():
+        outputs = model.eval()(torch.from_numpy(expected["padded_input"])[None])
+    for name, output in zip(("stage3", "stage2", "stage1"), outputs):
+        np.testing.assert_allclose(output[0].numpy(), expected[name], atol=1e-5, rtol=0)
+
+
+def test_batched_images_are_restored_independently() -> None:
+    torch.manual_seed(0)
+    model = MPRNet(MPRNetConfig(n_feat=8, scale_unetfeats=4, scale_orsnetfeats=4, num_cab=1)).eval()
+    images = torch.rand(2, 3, 32, 48)
+    with torch.inference_mode():
+        together = model(images)[0]
+        alone = torch.cat([model(images[i : i + 1])[0] for i in range(2)])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
+
+
+def test_sides_that_are_not_multiples_of_eight_are_refused() -> None:
+    model = MPRNet(MPRNetConfig(n_feat=8, scale_unetfeats=4, scale_orsnetfeats=4, num_cab=1))
+    with pytest.raises(ValueError, match="multiples of 8"):
+        model(torch.rand(1, 3, 12, 16))
