@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import time
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
-from typing import Annotated, Iterator, Optional
+from typing import TYPE_CHECKING, Annotated, Iterator, Optional
 
 import typer
 
 from mprnet_cli.errors import MprnetError
+
+if TYPE_CHECKING:
+    from mprnet_cli.model.restorer import Restorer
+    from mprnet_cli.pipeline import Job, Outcome, Plan
 
 LICENSE_NOTE = (
     "The published MPRNet checkpoints are the authors' (Zamir et al., CVPR 2021), released under "
@@ -82,11 +88,14 @@ def _parse_tile(value: str) -> int | None:
     return size
 
 
-Inputs = Annotated[list[str], typer.Argument(metavar="INPUT", help="Image file to restore, or - for standard input.", show_default=False)]
+Inputs = Annotated[
+    list[str],
+    typer.Argument(metavar="INPUT", help="Image files, directories or glob patterns; - for standard input.", show_default=False),
+]
 OutputOption = Annotated[
     Optional[str],
-    typer.Option("-o", "--output", help="Output file (format from its extension), or - for standard output (PNG). "
-                 "Default: beside the input, with a task suffix (photo_deblurred.jpg)."),
+    typer.Option("-o", "--output", help="Output file (format from its extension), a directory (for several inputs), "
+                 "or - for standard output. Default: beside each input, with a task suffix (photo_deblurred.jpg)."),
 ]
 WeightsOption = Annotated[Optional[str], typer.Option("--weights", "-w", help="Checkpoint file (.pth or .safetensors).")]
 DeviceOption = Annotated[str, typer.Option("--device", "-d", help="auto, cpu, cuda, cuda:N or mps. auto: CUDA, then MPS, then CPU.")]
@@ -132,6 +141,100 @@ def _configure_logging(quiet: bool) -> None:
     logger.propagate = False
 
 
+RecursiveOption = Annotated[bool, typer.Option("--recursive", "-r", help="Walk subdirectories of directory inputs.")]
+SuffixOption = Annotated[
+    Optional[str],
+    typer.Option("--suffix", help="Added to each output's stem. Default: the task suffix beside inputs, none in an -o directory."),
+]
+ExtOption = Annotated[
+    Optional[str], typer.Option("--ext", help="Output format: png, jpg, webp, tif, bmp; default: each input's own (PNG for -o -).")
+]
+OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Redo outputs that already exist (default: skip them).")]
+FailFastOption = Annotated[bool, typer.Option("--fail-fast", help="Stop at the first image that fails.")]
+MaxPixelsOption = Annotated[
+    int, typer.Option("--max-pixels", min=0, help="Refuse larger images (guards against decompression bombs); 0: no limit.")
+]
+
+
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM stops a batch the way Ctrl-C does: finish writes in flight, summarise, exit 130."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+class _Report:
+    """Per-image lines or a live progress bar on stderr, and the closing summary."""
+
+    def __init__(self, total: int, quiet: bool) -> None:
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self.total, self.quiet = total, quiet
+        self.done = self.failed = 0
+        self.megapixels = 0.0
+        self.started = time.perf_counter()
+        self.bar = None
+        if not quiet and total > 1 and self.console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=self.console, transient=True,
+            )
+            self.bar_task = self.bar.add_task("starting", total=total, rate="")
+            self.bar.start()
+
+    def start(self, job: Job) -> None:
+        if self.bar is not None:
+            self.bar.update(self.bar_task, description=job.source)
+
+    def outcome(self, outcome: Outcome) -> None:
+        from mprnet_cli.pipeline import STDIO
+
+        job = outcome.job
+        if outcome.error is not None:
+            self.failed += 1
+            self._print(f"error: {outcome.error.message}", always=True)
+        else:
+            self.done += 1
+            self.megapixels += outcome.megapixels
+            target = "stdout" if job.target == STDIO else job.target
+            self._print(f"{job.source} -> {target} ({outcome.megapixels:.2f} MP, {outcome.seconds:.1f} s)")
+        if self.bar is not None:
+            elapsed = time.perf_counter() - self.started
+            self.bar.update(self.bar_task, advance=1, rate=f"{self.megapixels / elapsed:.2f} MP/s")
+
+    def _print(self, line: str, always: bool = False) -> None:
+        if self.quiet and not always:
+            return
+        if self.bar is not None:
+            self.bar.console.print(line, markup=False, highlight=False)
+        else:
+            typer.echo(line, err=True)
+
+    def close(self, skipped: int, interrupted: bool) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+        if self.total > 1 or skipped or interrupted:
+            elapsed = time.perf_counter() - self.started
+            parts = [f"{self.done} done", f"{skipped} skipped", f"{self.failed} failed"]
+            if interrupted:
+                parts.append(f"{self.total - self.done - self.failed} not started (interrupted)")
+            self._print(f"{', '.join(parts)}; {self.megapixels:.1f} MP in {elapsed:.1f} s", always=interrupted)
+
+
+def _report_skipped(skipped: list[tuple[str, str]]) -> None:
+    hidden = sum(1 for _, reason in skipped if reason == "hidden")
+    for path, reason in skipped:
+        if reason != "hidden":
+            logger.info("skipped %s: %s", path, reason)
+    if hidden:
+        logger.info("skipped %d hidden file(s)", hidden)
+
+
 def _make_task_command(task: str):  # noqa: ANN202 - Typer reads the signature of the returned function
     def command(
         inputs: Inputs,
@@ -141,6 +244,12 @@ def _make_task_command(task: str):  # noqa: ANN202 - Typer reads the signature o
         precision: PrecisionOption = "fp32",
         tile: TileOption = "auto",
         tile_overlap: TileOverlapOption = 32,
+        recursive: RecursiveOption = False,
+        suffix: SuffixOption = None,
+        ext: ExtOption = None,
+        overwrite: OverwriteOption = False,
+        fail_fast: FailFastOption = False,
+        max_pixels: MaxPixelsOption = 250_000_000,
         quality: QualityOption = 95,
         quiet: QuietOption = False,
     ) -> None:
@@ -149,17 +258,53 @@ def _make_task_command(task: str):  # noqa: ANN202 - Typer reads the signature o
         with _user_errors():
             from mprnet_cli import pipeline
 
-            jobs = pipeline.plan_jobs(inputs, output, task)
+            extension = pipeline.normalise_extension(ext)
+            naming = pipeline.OutputNaming(task, output, suffix, extension, overwrite, recursive)
+            plan = pipeline.plan_jobs(inputs, naming)
+            _report_skipped(plan.skipped)
+            if not plan.jobs:
+                logger.info("nothing to do: every output exists (use --overwrite to redo them)")
+                return
             restorer = pipeline.load_restorer(task, weights, device, precision)
-            for outcome in pipeline.run_jobs(restorer, jobs, quality=quality):
-                if outcome.error is not None:
-                    raise outcome.error
-                destination = "stdout" if outcome.job.target == pipeline.STDIO else outcome.job.target
-                logger.info("%s -> %s (%.2f MP, %.1f s)", outcome.job.source, destination, outcome.megapixels, outcome.seconds)
+        _run_batch(restorer, plan, quality, max_pixels or None, extension, quiet, fail_fast)
 
     command.__doc__ = TASK_HELP[task]
     command.__name__ = task
     return command
+
+
+def _run_batch(restorer: Restorer, plan: Plan, quality: int, max_pixels: int | None, extension: str | None,
+               quiet: bool, fail_fast: bool) -> None:
+    from pathlib import Path
+
+    from mprnet_cli import pipeline
+    from mprnet_cli.imageio import format_for
+
+    jobs = plan.jobs
+    report = _Report(len(jobs), quiet)
+    stdout_format = format_for(Path(f"x{extension}")) if extension else "PNG"
+    interrupted = False
+    first_error = None
+    _interrupt_on_sigterm()
+    outcomes = pipeline.run_jobs(restorer, jobs, quality=quality, max_pixels=max_pixels,
+                                 stdout_format=stdout_format, on_start=report.start)
+    try:
+        for outcome in outcomes:
+            report.outcome(outcome)
+            if outcome.error is not None:
+                first_error = first_error or outcome.error
+                if fail_fast:
+                    break
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        outcomes.close()
+        report.close(len(plan.skipped), interrupted)
+    if interrupted:
+        raise typer.Exit(130)
+    if first_error is not None:
+        # One image: its own error code (2 for a bad input). A batch: 1, "something failed".
+        raise typer.Exit(first_error.exit_code if len(jobs) == 1 else 1)
 
 
 _EXAMPLES = {

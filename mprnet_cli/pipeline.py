@@ -2,15 +2,26 @@
 
 Nothing here prints: results come back as values and problems as `MprnetError`s, so the
 CLI decides what the user sees. `-` stands for standard input or output.
+
+A batch runs as three stages joined by small bounded queues: a reader thread decodes
+the next images, the calling thread runs the network, and a writer thread encodes and
+writes finished ones. Decoding and encoding hide behind compute, and memory stays flat
+however many files there are.
 """
 
 from __future__ import annotations
 
+import glob
+import os
+import queue
 import sys
+import threading
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from PIL import Image
 
 from mprnet_cli.devices import resolve_device
 from mprnet_cli.errors import CheckpointError, InputError, MprnetError, OutputError
@@ -24,6 +35,9 @@ TASK_SUFFIXES = {"deblur": "_deblurred", "derain": "_derained", "denoise": "_den
 #: The format written to stdout, and next to an input whose own format cannot be written.
 DEFAULT_EXTENSION = ".png"
 
+#: Images decoded ahead of the network, and restored images waiting to be written.
+QUEUE_DEPTH = 2
+
 
 @dataclass(frozen=True)
 class Job:
@@ -34,15 +48,76 @@ class Job:
 
 
 @dataclass(frozen=True)
+class Plan:
+    jobs: list[Job]
+    #: (path, reason) for inputs left out before any work: hidden, not images, already done.
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class Outcome:
     job: Job
     error: MprnetError | None = None
     megapixels: float = 0.0
     seconds: float = 0.0
+    #: Time the network spent on this image (the rest is decoding, encoding and waiting).
+    compute_seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+@dataclass(frozen=True)
+class OutputNaming:
+    """How output names are made: `-o` (a file, a directory, `-` or None), suffix, extension."""
+
+    task: str
+    output: str | None = None
+    suffix: str | None = None
+    extension: str | None = None
+    overwrite: bool = False
+    recursive: bool = False
+
+
+def _image_extensions() -> set[str]:
+    Image.init()
+    return {ext.lower() for ext in Image.registered_extensions()}
+
+
+def _looks_like_an_image(path: Path, image_extensions: set[str]) -> bool:
+    """Known image extensions are taken on trust (a broken one fails visibly later);
+    anything else is sniffed, so an image is known by its content."""
+    if path.suffix.lower() in image_extensions:
+        return True
+    try:
+        with Image.open(path):
+            return True
+    except (OSError, ValueError, SyntaxError):
+        return False
+
+
+def _is_hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def _expand(argument: str, recursive: bool) -> list[tuple[Path, Path]] | None:
+    """(file, path relative to the argument's root) for a directory or a glob; None for a plain path."""
+    path = Path(argument)
+    if path.is_dir():
+        pattern = "**/*" if recursive else "*"
+        return [(p, p.relative_to(path)) for p in sorted(path.glob(pattern)) if p.is_file()]
+    if glob.has_magic(argument):
+        # Mirror structure below the pattern's literal leading folders: `shots/*/x.png` -> `<day>/x.png`.
+        literal = []
+        for part in path.parts:
+            if glob.has_magic(part):
+                break
+            literal.append(part)
+        root = Path(*literal) if literal else Path()
+        matches = sorted(Path(p) for p in glob.glob(argument, recursive=recursive))
+        return [(p, p.relative_to(root)) for p in matches if p.is_file()]
+    return None
 
 
 def default_target(source: Path, task: str) -> Path:
@@ -51,31 +126,108 @@ def default_target(source: Path, task: str) -> Path:
     return source.with_name(f"{source.stem}{TASK_SUFFIXES[task]}{extension}")
 
 
-def plan_jobs(inputs: list[str], output: str | None, task: str) -> list[Job]:
-    """Pair each input with its output, checking what can be checked before any work starts."""
+def _extension_for(source: Path, naming: OutputNaming) -> str:
+    if naming.extension:
+        return naming.extension
+    return source.suffix if source.suffix.lower() in FORMATS else DEFAULT_EXTENSION
+
+
+def normalise_extension(extension: str | None) -> str | None:
+    """`--ext png`, `--ext .PNG` -> `.png`; None or `auto` keeps each input's own format."""
+    if extension is None or extension.lower() == "auto":
+        return None
+    extension = "." + extension.lower().lstrip(".")
+    format_for(Path(f"x{extension}"))
+    return extension
+
+
+def plan_jobs(inputs: list[str], naming: OutputNaming) -> Plan:
+    """Pair each input with its output, checking everything that can be checked before work starts."""
     if not inputs:
         raise InputError("no input given")
-    if len(inputs) > 1:
-        raise InputError("one input at a time for now; give a single file or `-`")
-    source = inputs[0]
-    if source != STDIO:
-        path = Path(source)
-        if not path.exists():
-            raise InputError(f"{source}: no such file")
-        if path.is_dir():
-            raise InputError(f"{source}: is a directory; give an image file")
-    if output is None:
-        target = STDIO if source == STDIO else str(default_target(Path(source), task))
-    else:
-        target = output
-    if target != STDIO:
-        target_path = Path(target)
-        format_for(target_path)
-        if target_path.is_dir():
-            raise OutputError(f"{target}: is a directory; give a file name")
-        if source != STDIO and target_path.resolve() == Path(source).resolve():
-            raise OutputError(f"{target}: refusing to overwrite the input; choose another output name")
-    return [Job(source=source, target=target)]
+    if STDIO in inputs and len(inputs) > 1:
+        raise InputError("`-` (standard input) cannot be mixed with other inputs")
+    if inputs == [STDIO]:
+        target = naming.output or STDIO
+        if target != STDIO:
+            format_for(Path(target))
+        return Plan([Job(STDIO, target)])
+
+    sources, skipped, batch = _collect_sources(inputs, naming.recursive)
+    if not sources:
+        raise InputError("no images found in " + ", ".join(inputs) + (" (hidden and non-image files are skipped)" if skipped else ""))
+    directory = _output_directory(naming.output, batch)
+    if naming.output == STDIO and (batch or len(sources) > 1):
+        raise OutputError("-o - writes one image to standard output; give one input, or an output directory")
+
+    jobs, seen = [], {}
+    for source, relative in sources:
+        target = _target_for(source, relative, directory, naming)
+        if target != STDIO:
+            resolved = Path(target).resolve()
+            if resolved == source.resolve():
+                raise OutputError(f"{target}: refusing to overwrite the input; choose another output name or --suffix")
+            if resolved in seen:
+                raise OutputError(f"{seen[resolved]} and {source} would both be written to {target}; use --suffix or --ext")
+            seen[resolved] = source
+            if Path(target).is_dir():
+                raise OutputError(f"{target}: is a directory; give a file name")
+            if Path(target).exists() and not naming.overwrite:
+                skipped.append((str(source), f"{target} exists (use --overwrite to redo it)"))
+                continue
+        jobs.append(Job(str(source), target))
+    return Plan(jobs, skipped)
+
+
+def _collect_sources(inputs: list[str], recursive: bool) -> tuple[list[tuple[Path, Path]], list[tuple[str, str]], bool]:
+    """All image files named by `inputs`, with their relative paths; plus what was skipped,
+    and whether this is a batch (a directory, a glob or several inputs)."""
+    image_extensions = _image_extensions()
+    sources: list[tuple[Path, Path]] = []
+    skipped: list[tuple[str, str]] = []
+    batch = len(inputs) > 1
+    for argument in inputs:
+        expanded = _expand(argument, recursive)
+        if expanded is None:
+            path = Path(argument)
+            if not path.exists():
+                raise InputError(f"{argument}: no such file or directory")
+            sources.append((path, Path(path.name)))
+            continue
+        batch = True
+        for path, relative in expanded:
+            if _is_hidden(relative):
+                skipped.append((str(path), "hidden"))
+            elif not _looks_like_an_image(path, image_extensions):
+                skipped.append((str(path), "not an image"))
+            else:
+                sources.append((path, relative))
+    return sources, skipped, batch
+
+
+def _output_directory(output: str | None, batch: bool) -> Path | None:
+    """The directory outputs go into, or None for 'beside each input' / a single named file."""
+    if output is None or output == STDIO:
+        return None
+    path = Path(output)
+    if batch or path.is_dir() or output.endswith(("/", os.sep)):
+        if path.exists() and not path.is_dir():
+            raise OutputError(f"{output}: is a file; with several inputs or a directory, -o must be a directory")
+        return path
+    return None
+
+
+def _target_for(source: Path, relative: Path, directory: Path | None, naming: OutputNaming) -> str:
+    if naming.output == STDIO:
+        return STDIO
+    if directory is None and naming.output is not None:
+        format_for(Path(naming.output))
+        return naming.output
+    suffix = naming.suffix if naming.suffix is not None else ("" if directory else TASK_SUFFIXES[naming.task])
+    name = f"{source.stem}{suffix}{_extension_for(source, naming)}"
+    if directory is None:
+        return str(source.with_name(name))
+    return str(directory / relative.parent / name)
 
 
 def load_restorer(task: str, weights: str | None, device: str, precision: str) -> Restorer:
@@ -102,26 +254,134 @@ def _write(picture: Picture, target: str, stdout_format: str, quality: int) -> N
         sys.stdout.buffer.flush()
         return
     path = Path(target)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(f"{path.parent}: cannot create the output directory ({error.strerror or error})") from None
     write_atomic(path, encode_image(picture, format_for(path), quality))
+
+
+_DONE = object()
+
+
+@dataclass
+class _Decoded:
+    job: Job
+    started: float
+    picture: Picture | None = None
+    error: MprnetError | None = None
+
+
+class _Stages:
+    """The reader and writer threads around the caller's compute loop."""
+
+    def __init__(self, jobs: list[Job], quality: int, max_pixels: int | None, stdout_format: str) -> None:
+        self.stop = threading.Event()
+        self.decoded: queue.Queue[object] = queue.Queue(QUEUE_DEPTH)
+        self.to_write: queue.Queue[object] = queue.Queue(QUEUE_DEPTH)
+        self.finished: queue.Queue[Outcome] = queue.Queue()
+        self._jobs, self._quality, self._max_pixels, self._stdout_format = jobs, quality, max_pixels, stdout_format
+        self._closed = False
+        self.reader = threading.Thread(target=self._read_all, name="mprnet-reader", daemon=True)
+        self.writer = threading.Thread(target=self._write_all, name="mprnet-writer", daemon=True)
+        self.reader.start()
+        self.writer.start()
+
+    def _put(self, target: queue.Queue[object], item: object) -> bool:
+        while not self.stop.is_set():
+            try:
+                target.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _read_all(self) -> None:
+        for job in self._jobs:
+            item = _Decoded(job, time.perf_counter())
+            try:
+                item.picture = _read(job.source, self._max_pixels)
+            except MprnetError as error:
+                item.error = error
+            if not self._put(self.decoded, item):
+                return
+        self._put(self.decoded, _DONE)
+
+    def _write_all(self) -> None:
+        while True:
+            item = self.to_write.get()
+            if item is _DONE:
+                return
+            decoded, restored, compute_seconds = item  # type: ignore[misc]
+            try:
+                _write(restored, decoded.job.target, self._stdout_format, self._quality)
+            except MprnetError as error:
+                self.finished.put(Outcome(decoded.job, error=error, seconds=time.perf_counter() - decoded.started))
+                continue
+            height, width = restored.pixels.shape[:2]
+            self.finished.put(
+                Outcome(decoded.job, megapixels=height * width / 1e6, seconds=time.perf_counter() - decoded.started,
+                        compute_seconds=compute_seconds)
+            )
+
+    def drain_finished(self) -> Iterator[Outcome]:
+        while True:
+            try:
+                yield self.finished.get_nowait()
+            except queue.Empty:
+                return
+
+    def close(self) -> None:
+        """Stop reading, let the writer finish what is already restored, and wait for it."""
+        if self._closed:
+            return
+        self._closed = True
+        self.stop.set()
+        self.to_write.put(_DONE)
+        self.writer.join()
 
 
 def run_jobs(
     restorer: Restorer,
-    jobs: Iterable[Job],
+    jobs: list[Job],
     *,
     quality: int = 95,
     max_pixels: int | None = None,
     stdout_format: str = "PNG",
+    on_start: Callable[[Job], None] | None = None,
 ) -> Iterator[Outcome]:
-    """Restore each job in turn, yielding one `Outcome` per job; errors stay per job."""
-    for job in jobs:
-        started = time.perf_counter()
-        try:
-            picture = _read(job.source, max_pixels)
-            restored = restore_picture(restorer, picture)
-            _write(restored, job.target, stdout_format, quality)
-        except MprnetError as error:
-            yield Outcome(job, error=error, seconds=time.perf_counter() - started)
-            continue
-        height, width = picture.pixels.shape[:2]
-        yield Outcome(job, megapixels=height * width / 1e6, seconds=time.perf_counter() - started)
+    """Restore every job, yielding one `Outcome` per job as each is written.
+
+    Errors stay per job. If the caller stops early (an exception, an interrupt, or simply
+    not iterating further), images already restored are still written completely, and
+    nothing is left half-written.
+    """
+    stages = _Stages(jobs, quality, max_pixels, stdout_format)
+    try:
+        while True:
+            item = stages.decoded.get()
+            if item is _DONE:
+                break
+            if not isinstance(item, _Decoded):
+                raise TypeError(f"unexpected item in the decode queue: {item!r}")
+            if item.error is not None or item.picture is None:
+                yield Outcome(item.job, error=item.error, seconds=time.perf_counter() - item.started)
+                continue
+            if on_start is not None:
+                on_start(item.job)
+            computed = time.perf_counter()
+            try:
+                restored = restore_picture(restorer, item.picture)
+            except MprnetError as error:
+                yield Outcome(item.job, error=error, seconds=time.perf_counter() - item.started)
+                continue
+            stages.to_write.put((item, restored, time.perf_counter() - computed))
+            yield from stages.drain_finished()
+    except KeyboardInterrupt:
+        # Report what the writer completes while we stop, then let the interrupt go on.
+        stages.close()
+        yield from stages.drain_finished()
+        raise
+    finally:
+        stages.close()
+    yield from stages.drain_finished()

@@ -95,7 +95,7 @@ def _error(args: list[str], **kwargs: object) -> tuple[int, str]:
 
 
 def test_missing_input(tmp_path: Path) -> None:
-    assert _error(["deblur", str(tmp_path / "nope.png"), *WEIGHTS]) == (2, f"error: {tmp_path / 'nope.png'}: no such file\n")
+    assert _error(["deblur", str(tmp_path / "nope.png"), *WEIGHTS]) == (2, f"error: {tmp_path / 'nope.png'}: no such file or directory\n")
 
 
 def test_input_that_is_not_an_image(tmp_path: Path) -> None:
@@ -113,16 +113,17 @@ def test_stdin_that_is_not_an_image() -> None:
 
 def test_refuses_to_overwrite_the_input(photo: Path) -> None:
     code, stderr = _error(["deblur", str(photo), "-o", str(photo), *WEIGHTS])
-    assert (code, stderr) == (2, f"error: {photo}: refusing to overwrite the input; choose another output name\n")
+    assert (code, stderr) == (2, f"error: {photo}: refusing to overwrite the input; choose another output name or --suffix\n")
 
 
 def test_unwritable_output_leaves_nothing(photo: Path, tmp_path: Path) -> None:
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    target = locked / "missing-dir" / "out.png"
+    # A file where a directory should be: unwritable even for root, who ignores permission bits.
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    target = blocker / "out.png"
     code, stderr = _error(["deblur", str(photo), "-o", str(target), *WEIGHTS])
-    assert (code, stderr) == (2, f"error: {target}: cannot write (No such file or directory)\n")
-    assert list(locked.iterdir()) == []
+    assert (code, stderr) == (2, f"error: {blocker}: cannot create the output directory (File exists)\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker", "photo.png"]
 
 
 def test_unknown_output_format(photo: Path, tmp_path: Path) -> None:

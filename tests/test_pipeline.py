@@ -1,13 +1,38 @@
-"""Planning jobs: where each result goes, and what is refused before any work starts."""
+"""Planning jobs (where each result goes, what is refused or skipped) and running them."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
+from mprnet_cli import pipeline
 from mprnet_cli.errors import CheckpointError, InputError, OutputError
-from mprnet_cli.pipeline import Job, default_target, load_restorer, plan_jobs
+from mprnet_cli.pipeline import Job, OutputNaming, default_target, load_restorer, normalise_extension, plan_jobs, run_jobs
+
+from .conftest import PARITY
+
+
+def _image(path: Path, size: tuple[int, int] = (12, 10), fmt: str | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size[1], size[0], 3), 90, dtype=np.uint8)).save(path, format=fmt)
+    return path
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """in/a.png, in/b.jpg, in/sub/c.webp, in/sub/deeper/d.tif, hidden and non-image files."""
+    root = tmp_path / "in"
+    _image(root / "a.png")
+    _image(root / "b.jpg")
+    _image(root / "sub" / "c.webp")
+    _image(root / "sub" / "deeper" / "d.tif")
+    _image(root / "no_extension", fmt="PNG")
+    _image(root / ".hidden.png")
+    (root / "notes.txt").write_text("not an image")
+    return root
 
 
 @pytest.mark.parametrize(
@@ -23,26 +48,161 @@ def test_default_target(source: str, task: str, expected: str) -> None:
     assert default_target(Path(source), task) == Path(expected)
 
 
-def test_plan_single_file(tmp_path: Path) -> None:
-    photo = tmp_path / "photo.jpg"
-    photo.write_bytes(b"x")
-    assert plan_jobs([str(photo)], None, "deblur") == [Job(str(photo), str(tmp_path / "photo_deblurred.jpg"))]
-    assert plan_jobs([str(photo)], "-", "deblur") == [Job(str(photo), "-")]
-    assert plan_jobs(["-"], None, "deblur") == [Job("-", "-")]
+def test_single_file(tmp_path: Path) -> None:
+    photo = _image(tmp_path / "photo.jpg")
+    assert plan_jobs([str(photo)], OutputNaming("deblur")).jobs == [Job(str(photo), str(tmp_path / "photo_deblurred.jpg"))]
+    assert plan_jobs([str(photo)], OutputNaming("deblur", output="-")).jobs == [Job(str(photo), "-")]
+    assert plan_jobs(["-"], OutputNaming("deblur")).jobs == [Job("-", "-")]
+    assert plan_jobs(["-"], OutputNaming("deblur", output=str(tmp_path / "o.png"))).jobs == [Job("-", str(tmp_path / "o.png"))]
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    assert plan_jobs([str(photo)], OutputNaming("deblur", output=str(out_dir))).jobs == [Job(str(photo), str(out_dir / "photo.jpg"))]
 
 
-def test_plan_refusals(tmp_path: Path) -> None:
-    photo = tmp_path / "photo.jpg"
-    photo.write_bytes(b"x")
-    with pytest.raises(InputError, match="no input given"):
-        plan_jobs([], None, "deblur")
-    with pytest.raises(InputError, match="is a directory"):
-        plan_jobs([str(tmp_path)], None, "deblur")
-    with pytest.raises(OutputError, match="is a directory; give a file name"):
-        (tmp_path / "out.png").mkdir()
-        plan_jobs([str(photo)], str(tmp_path / "out.png"), "deblur")
+def test_directory_mirrors_structure_and_skips_hidden_and_non_images(tree: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    plan = plan_jobs([str(tree)], OutputNaming("derain", output=str(out), recursive=True, extension=".png"))
+    assert [(Path(j.source).relative_to(tree).as_posix(), Path(j.target).relative_to(out).as_posix()) for j in plan.jobs] == [
+        ("a.png", "a.png"),
+        ("b.jpg", "b.png"),
+        ("no_extension", "no_extension.png"),
+        ("sub/c.webp", "sub/c.png"),
+        ("sub/deeper/d.tif", "sub/deeper/d.png"),
+    ]
+    assert sorted((Path(p).name, reason) for p, reason in plan.skipped) == [(".hidden.png", "hidden"), ("notes.txt", "not an image")]
+
+
+def test_directory_without_recursion_takes_the_top_level_only(tree: Path, tmp_path: Path) -> None:
+    plan = plan_jobs([str(tree)], OutputNaming("derain", output=str(tmp_path / "out")))
+    assert [Path(j.source).name for j in plan.jobs] == ["a.png", "b.jpg", "no_extension"]
+    assert [Path(j.target).name for j in plan.jobs] == ["a.png", "b.jpg", "no_extension.png"]
+
+
+def test_globs_and_files_mixed_with_a_suffix(tree: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    plan = plan_jobs([str(tree / "sub" / "*" / "*.tif"), str(tree / "a.png")], OutputNaming("deblur", output=str(out), suffix="_x"))
+    assert [j.target for j in plan.jobs] == [str(out / "deeper" / "d_x.tif"), str(out / "a_x.png")]
+
+
+def test_without_output_results_go_beside_inputs(tree: Path) -> None:
+    plan = plan_jobs([str(tree / "a.png"), str(tree / "b.jpg")], OutputNaming("denoise"))
+    assert [j.target for j in plan.jobs] == [str(tree / "a_denoised.png"), str(tree / "b_denoised.jpg")]
+
+
+def test_name_collisions_are_refused_before_any_work(tmp_path: Path) -> None:
+    _image(tmp_path / "in" / "x.png")
+    _image(tmp_path / "in" / "x.jpg")
+    with pytest.raises(OutputError) as error:
+        plan_jobs([str(tmp_path / "in")], OutputNaming("deblur", output=str(tmp_path / "out"), extension=".png"))
+    assert error.value.message == (
+        f"{tmp_path / 'in' / 'x.jpg'} and {tmp_path / 'in' / 'x.png'} would both be written to {tmp_path / 'out' / 'x.png'}; "
+        "use --suffix or --ext"
+    )
+
+
+def test_existing_outputs_are_skipped_unless_overwrite(tree: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    _image(out / "a.png")
+    plan = plan_jobs([str(tree)], OutputNaming("deblur", output=str(out)))
+    assert [Path(j.source).name for j in plan.jobs] == ["b.jpg", "no_extension"]
+    assert (str(tree / "a.png"), f"{out / 'a.png'} exists (use --overwrite to redo it)") in plan.skipped
+    assert len(plan_jobs([str(tree)], OutputNaming("deblur", output=str(out), overwrite=True)).jobs) == 3
+
+
+@pytest.mark.parametrize(
+    ("inputs", "naming", "error", "message"),
+    [
+        ([], OutputNaming("deblur"), InputError, "no input given"),
+        (["-", "a.png"], OutputNaming("deblur"), InputError, "`-` (standard input) cannot be mixed with other inputs"),
+        (["missing.png"], OutputNaming("deblur"), InputError, "missing.png: no such file or directory"),
+    ],
+)
+def test_refusals(inputs: list[str], naming: OutputNaming, error: type[Exception], message: str) -> None:
+    with pytest.raises(error) as raised:
+        plan_jobs(inputs, naming)
+    assert raised.value.message == message  # type: ignore[attr-defined]
+
+
+def test_batch_refusals(tree: Path, tmp_path: Path) -> None:
+    with pytest.raises(OutputError, match="-o - writes one image to standard output"):
+        plan_jobs([str(tree)], OutputNaming("deblur", output="-"))
+    a_file = _image(tmp_path / "file.png")
+    with pytest.raises(OutputError, match="is a file; with several inputs or a directory, -o must be a directory"):
+        plan_jobs([str(tree)], OutputNaming("deblur", output=str(a_file)))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="no images found in"):
+        plan_jobs([str(empty)], OutputNaming("deblur"))
+    photo = _image(tmp_path / "p.png")
+    with pytest.raises(OutputError, match="refusing to overwrite the input"):
+        plan_jobs([str(photo)], OutputNaming("deblur", suffix=""))
+
+
+def test_extension_option() -> None:
+    assert [normalise_extension(e) for e in (None, "auto", "png", ".JPG", "tiff")] == [None, None, ".png", ".jpg", ".tiff"]
+    with pytest.raises(OutputError, match="unknown output format '.gif'"):
+        normalise_extension("gif")
 
 
 def test_load_restorer_without_weights_says_what_to_do() -> None:
     with pytest.raises(CheckpointError, match="no checkpoint given: pass --weights PATH to the derain checkpoint"):
         load_restorer("derain", None, "cpu", "fp32")
+
+
+class _Doubler:
+    """Stands in for a Restorer: fast, and its output is checkable."""
+
+    def restore_array(self, array: np.ndarray) -> np.ndarray:
+        return (array // 2).astype(array.dtype)
+
+
+def test_run_jobs_reports_each_job_and_goes_on_after_failures(tmp_path: Path) -> None:
+    good = [_image(tmp_path / f"{i}.png") for i in range(3)]
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes((PARITY / "input_64x48.png").read_bytes()[:300])
+    sources = [good[0], empty, good[1], corrupt, good[2]]
+    jobs = [Job(str(s), str(tmp_path / "out" / f"{s.stem}.png")) for s in sources]
+    started: list[str] = []
+    outcomes = list(run_jobs(_Doubler(), jobs, on_start=lambda job: started.append(job.source)))  # type: ignore[arg-type]
+    assert sorted((Path(o.job.source).name, o.ok) for o in outcomes) == sorted(
+        [("0.png", True), ("empty.png", False), ("1.png", True), ("corrupt.png", False), ("2.png", True)]
+    )
+    errors = {Path(o.job.source).name: o.error.message for o in outcomes if o.error}
+    assert errors == {
+        "empty.png": f"{empty}: empty file, not an image",
+        "corrupt.png": errors["corrupt.png"],
+    }
+    assert errors["corrupt.png"].startswith(f"{corrupt}: truncated or corrupt image")
+    assert started == [str(p) for p in good]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0.png", "1.png", "2.png"]
+    assert (np.asarray(Image.open(tmp_path / "out" / "0.png")) == 45).all()
+
+
+def test_stopping_early_writes_what_was_restored_and_leaves_no_partial_file(tmp_path: Path) -> None:
+    sources = [_image(tmp_path / "in" / f"{i}.png") for i in range(6)]
+    out = tmp_path / "out"
+    outcomes = run_jobs(_Doubler(), [Job(str(s), str(out / s.name)) for s in sources])  # type: ignore[arg-type]
+    first = next(outcomes)
+    outcomes.close()
+    written = sorted(p.name for p in out.iterdir())
+    assert first.ok and 1 <= len(written) < 6
+    assert all(not name.startswith(".") for name in written)
+    for name in written:
+        assert (np.asarray(Image.open(out / name)) == 45).all()
+
+
+def test_unwritable_output_directory_fails_each_job(tmp_path: Path) -> None:
+    source = _image(tmp_path / "a.png")
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a directory should be")
+    [outcome] = run_jobs(_Doubler(), [Job(str(source), str(blocker / "sub" / "a.png"))])  # type: ignore[arg-type]
+    assert outcome.error is not None
+    assert outcome.error.message.startswith(f"{blocker / 'sub'}: cannot create the output directory")
+
+
+def test_image_over_the_pixel_limit_fails_that_job(tmp_path: Path) -> None:
+    source = _image(tmp_path / "big.png", size=(100, 100))
+    [outcome] = run_jobs(_Doubler(), [Job(str(source), str(tmp_path / "o.png"))], max_pixels=9999)  # type: ignore[arg-type]
+    assert outcome.error is not None and "over the 9,999-pixel limit" in outcome.error.message
