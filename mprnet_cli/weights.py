@@ -356,17 +356,13 @@ def _missing_file_message(entry: WeightsEntry) -> str:
         files = HfApi(endpoint=os.environ.get("HF_ENDPOINT")).list_repo_files(entry.repo_id, revision=entry.revision)
     except (OSError, httpx2.HTTPError) as error:
         return f"{head}, and listing its files failed ({_first_line(error)})"
-    candidates = suggest_files(files, entry.task)
-    if not candidates:
-        return f"{head}, nor any other checkpoint file (*{', *'.join(CHECKPOINT_SUFFIXES)})"
-    return f"{head}; files that look like the {entry.task} checkpoint: {', '.join(candidates)}; {fix}"
-
-
-def suggest_files(files: list[str], task: str) -> list[str]:
-    """Checkpoint files whose names hint at `task`, or every checkpoint file when none does."""
     checkpoints = [name for name in files if name.lower().endswith(CHECKPOINT_SUFFIXES)]
-    hinted = [name for name in checkpoints if any(hint in name.lower() for hint in FILENAME_HINTS.get(task, ()))]
-    return hinted or checkpoints
+    hinted = [name for name in checkpoints if any(hint in name.lower() for hint in FILENAME_HINTS.get(entry.task, ()))]
+    if hinted:
+        return f"{head}; files that look like the {entry.task} checkpoint: {', '.join(hinted)}; {fix}"
+    if checkpoints:
+        return f"{head}, and none of its checkpoint files ({', '.join(checkpoints)}) is named like a {entry.task} one; {fix}"
+    return f"{head}, nor any other checkpoint file (*{', *'.join(CHECKPOINT_SUFFIXES)})"
 
 
 def _first_line(error: BaseException) -> str:

@@ -46,6 +46,7 @@ class FakeHub:
     faults: dict[str, Fault] = field(default_factory=dict)
     requests: list[tuple[str, str]] = field(default_factory=list)
     lifetime_s: float = 60.0
+    body_delay_s: float = 0.0  # wait before each file body, so concurrent clients overlap
     url: str = ""
     _server: ThreadingHTTPServer | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -186,6 +187,8 @@ class _HubHandler(BaseHTTPRequestHandler):
         self.end_headers()
         if not body:
             return
+        # Event.wait, not time.sleep: tests patch time.sleep to skip the client's back-off.
+        threading.Event().wait(self.state.body_delay_s)
         fault = self.state.take_fault(sha)
         if fault is not None and fault.cut_after is not None:
             self.wfile.write(part[: fault.cut_after])
