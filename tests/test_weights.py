@@ -49,11 +49,6 @@ def hub(monkeypatch: pytest.MonkeyPatch, tiny_checkpoint: Path) -> Iterator[Fake
         yield fake
 
 
-@pytest.fixture
-def deblur_entry() -> weights.WeightsEntry:
-    return weights.load_registry()["deblur"]
-
-
 def records() -> dict[str, dict]:
     path = Path(os.environ["XDG_STATE_HOME"]) / "mprnet" / "first-download-digests.json"
     return json.loads(path.read_text()) if path.exists() else {}
@@ -196,7 +191,7 @@ def test_a_file_that_is_not_an_mprnet_is_refused_every_time(hub: FakeHub, tmp_pa
     assert records() == {}
 
 
-def test_a_missing_file_lists_the_repo_files_that_look_like_the_task(hub: FakeHub, tiny_checkpoint: Path) -> None:
+def test_a_missing_file_lists_the_repo_files_that_look_like_the_task(hub: FakeHub) -> None:
     content = hub.repos[REPO].pop(DEBLUR)
     hub.add(REPO, "Deblurring/mprnet_gopro.pth", content)
     hub.add(REPO, "model_deraining.pth", content)
@@ -284,7 +279,7 @@ def test_weights_path_list_and_verify(hub: FakeHub, tiny_checkpoint: Path) -> No
     )
     code, stdout, stderr = run("weights", "list")
     rows = [
-        f"task     source                                    revision  size    cached  license",
+        "task     source                                    revision  size    cached  license",
         f"deblur   hf://{REPO}/{DEBLUR}  main      2.6 MB  yes     {LICENSE}",
         f"derain   hf://{REPO}/model_deraining.pth   main      ?       no      {LICENSE}",
         f"denoise  hf://{REPO}/model_denoising.pth   main      ?       no      {LICENSE}",
