@@ -13,11 +13,12 @@ import sys
 import time
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
+from types import ModuleType
 from typing import TYPE_CHECKING, Annotated, Iterator, Optional
 
 import typer
 
-from mprnet_cli.errors import MprnetError
+from mprnet_cli.errors import CheckpointError, MprnetError
 
 if TYPE_CHECKING:
     from mprnet_cli.model.restorer import Restorer
@@ -97,7 +98,11 @@ OutputOption = Annotated[
     typer.Option("-o", "--output", help="Output file (format from its extension), a directory (for several inputs), "
                  "or - for standard output. Default: beside each input, with a task suffix (photo_deblurred.jpg)."),
 ]
-WeightsOption = Annotated[Optional[str], typer.Option("--weights", "-w", help="Checkpoint file (.pth or .safetensors).")]
+WeightsOption = Annotated[
+    Optional[str],
+    typer.Option("--weights", "-w", help="Checkpoint: a file (.pth or .safetensors) or hf://owner/repo/file.pth[@revision]. "
+                 "Default: the task's published checkpoint, downloaded once (see `mprnet weights list`)."),
+]
 DeviceOption = Annotated[str, typer.Option("--device", "-d", help="auto, cpu, cuda, cuda:N or mps. auto: CUDA, then MPS, then CPU.")]
 PrecisionOption = Annotated[
     str, typer.Option("--precision", help="fp32 (the exact reference), bf16, fp16 (GPU only) or auto.")
@@ -265,7 +270,7 @@ def _make_task_command(task: str):  # noqa: ANN202 - Typer reads the signature o
             if not plan.jobs:
                 logger.info("nothing to do: every output exists (use --overwrite to redo them)")
                 return
-            restorer = pipeline.load_restorer(task, weights, device, precision)
+            restorer = pipeline.load_restorer(task, weights, device, precision, progress_bar=_progress_bar(quiet))
         _run_batch(restorer, plan, quality, max_pixels or None, extension, quiet, fail_fast)
 
     command.__doc__ = TASK_HELP[task]
@@ -319,6 +324,109 @@ for _task in TASK_HELP:
         epilog=f"Example:\n\n  {_EXAMPLES[_task]}\n\n{LICENSE_NOTE}",
         no_args_is_help=True,
     )(_make_task_command(_task))
+
+
+# --- mprnet weights ... -------------------------------------------------------------------
+
+weights_app = typer.Typer(
+    name="weights",
+    help="List, download, locate and verify the published checkpoints (cached by huggingface_hub).",
+    epilog="Examples:\n\n  mprnet weights list\n\n  mprnet weights download all\n\n  mprnet weights verify deblur",
+    no_args_is_help=True,
+)
+app.add_typer(weights_app)
+
+TaskChoice = Annotated[str, typer.Argument(metavar="TASK", help="deblur, derain or denoise.", show_default=False)]
+TasksChoice = Annotated[str, typer.Argument(metavar="[TASK|all]", help="deblur, derain, denoise or all.")]
+
+
+def _tasks(choice: str, allow_all: bool = True) -> list[str]:
+    if allow_all and choice == "all":
+        return list(TASK_HELP)
+    if choice not in TASK_HELP:
+        raise typer.BadParameter(f"{choice!r}: expected {', '.join(TASK_HELP)}{' or all' if allow_all else ''}")
+    return [choice]
+
+
+def _progress_bar(quiet: bool) -> type | None:
+    """None lets huggingface_hub draw its own bar on stderr (only on a terminal); quiet silences it."""
+    if not quiet:
+        return None
+    from tqdm import tqdm
+
+    class SilentBar(tqdm):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **{**kwargs, "disable": True})
+
+    return SilentBar
+
+
+@contextmanager
+def _weights_module() -> Iterator[ModuleType]:
+    """Logs on stderr, our errors as one line, and the weights module imported on demand."""
+    _configure_logging(quiet=False)
+    with _user_errors():
+        from mprnet_cli import weights
+
+        yield weights
+
+
+@weights_app.command("list")
+def weights_list() -> None:
+    """Show each task's checkpoint source, revision, size, whether it is cached, and its license."""
+    with _weights_module() as weights:
+        rows = [("task", "source", "revision", "size", "cached", "license")]
+        for task in TASK_HELP:
+            source = weights.configured_source(task)
+            if isinstance(source, weights.WeightsEntry):
+                cached = weights.cached_file(source)
+                size = source.size or (cached.stat().st_size if cached else None)
+                rows.append((task, f"hf://{source.repo_id}/{source.filename}", source.revision,
+                             weights.human_size(size) if size else "?", "yes" if cached else "no", source.license))
+            else:
+                size = weights.human_size(source.stat().st_size) if source.is_file() else "missing"
+                rows.append((task, str(source), "-", size, "local", "-"))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+        for row in rows:
+            typer.echo("  ".join([cell.ljust(width) for cell, width in zip(row, widths)] + [row[-1]]))
+
+
+@weights_app.command("download")
+def weights_download(
+    task: TasksChoice = "all",
+    force: Annotated[bool, typer.Option("--force", help="Download again even when cached.")] = False,
+) -> None:
+    """Download and verify checkpoints now (e.g. before going offline); prints TASK: PATH."""
+    with _weights_module() as weights:
+        for name in _tasks(task):
+            source = weights.configured_source(name)
+            path = weights.fetch(source, force=force) if isinstance(source, weights.WeightsEntry) else source
+            typer.echo(f"{name}: {path}")
+
+
+@weights_app.command("path")
+def weights_path(task: TaskChoice) -> None:
+    """Print the local checkpoint file for TASK, downloading it first if needed."""
+    with _weights_module() as weights:
+        typer.echo(weights.resolve_checkpoint(_tasks(task, allow_all=False)[0]))
+
+
+@weights_app.command("verify")
+def weights_verify(task: TasksChoice = "all") -> None:
+    """Re-hash cached checkpoints and compare with the registry or the first download."""
+    with _weights_module() as weights:
+        failed = []
+        for name in _tasks(task):
+            source = weights.configured_source(name)
+            if not isinstance(source, weights.WeightsEntry):
+                typer.echo(f"{name}: local file {source}, not managed by mprnet")
+                continue
+            result = weights.verify_cached(source)
+            typer.echo(f"{name}: {result.detail}")
+            if not result.ok:
+                failed.append(name)
+        if failed:
+            raise CheckpointError(f"verification failed for {', '.join(failed)}: run `mprnet weights download {failed[0]} --force`")
 
 
 def main() -> None:

@@ -31,6 +31,10 @@ class CheckpointError(MprnetError):
     """A checkpoint file is missing, corrupt, unsafe or for another architecture or task."""
 
 
+class ConfigError(MprnetError):
+    """A user setting (config file, environment variable, weights spec) cannot be used as written."""
+
+
 class DeviceError(MprnetError):
     """The requested device or precision is not available here."""
 

@@ -24,9 +24,10 @@ from pathlib import Path
 from PIL import Image
 
 from mprnet_cli.devices import resolve_device
-from mprnet_cli.errors import CheckpointError, InputError, MprnetError, OutputError
+from mprnet_cli.errors import InputError, MprnetError, OutputError
 from mprnet_cli.imageio import FORMATS, Picture, decode_image, encode_image, format_for, read_image, write_atomic
 from mprnet_cli.model.restorer import Restorer
+from mprnet_cli.weights import resolve_checkpoint
 
 STDIO = "-"
 
@@ -230,12 +231,15 @@ def _target_for(source: Path, relative: Path, directory: Path | None, naming: Ou
     return str(directory / relative.parent / name)
 
 
-def load_restorer(task: str, weights: str | None, device: str, precision: str) -> Restorer:
-    """Resolve the device first (cheap, and the likelier mistake), then load the checkpoint."""
+def load_restorer(
+    task: str, weights: str | None, device: str, precision: str, *, progress_bar: type | None = None
+) -> Restorer:
+    """Resolve the device first (cheap, and the likelier mistake), then the checkpoint:
+    `weights` (a path or hf:// spec) or, when None, the task's registered one, downloaded
+    once with `progress_bar` as huggingface_hub's tqdm class (None: its own, on stderr)."""
     resolved = resolve_device(device)
-    if weights is None:
-        raise CheckpointError(f"no checkpoint given: pass --weights PATH to the {task} checkpoint (.pth or .safetensors)")
-    return Restorer.from_checkpoint(weights, task, device=resolved, precision=precision)
+    checkpoint = resolve_checkpoint(task, weights, tqdm_class=progress_bar)
+    return Restorer.from_checkpoint(checkpoint, task, device=resolved, precision=precision)
 
 
 def restore_picture(restorer: Restorer, picture: Picture) -> Picture:

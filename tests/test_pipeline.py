@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mprnet_cli import pipeline
-from mprnet_cli.errors import CheckpointError, InputError, OutputError
-from mprnet_cli.pipeline import Job, OutputNaming, default_target, load_restorer, normalise_extension, plan_jobs, run_jobs
+from mprnet_cli.errors import InputError, OutputError
+from mprnet_cli.pipeline import Job, OutputNaming, default_target, normalise_extension, plan_jobs, run_jobs
 
 from .conftest import PARITY
 
@@ -142,11 +141,6 @@ def test_extension_option() -> None:
     assert [normalise_extension(e) for e in (None, "auto", "png", ".JPG", "tiff")] == [None, None, ".png", ".jpg", ".tiff"]
     with pytest.raises(OutputError, match="unknown output format '.gif'"):
         normalise_extension("gif")
-
-
-def test_load_restorer_without_weights_says_what_to_do() -> None:
-    with pytest.raises(CheckpointError, match="no checkpoint given: pass --weights PATH to the derain checkpoint"):
-        load_restorer("derain", None, "cpu", "fp32")
 
 
 class _Doubler:
