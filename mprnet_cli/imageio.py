@@ -36,6 +36,9 @@ _EXIF_ORIENTATION = 0x0112
 # TIFF keeps EXIF-like tags among its structural ones (sizes, strip offsets...); only these
 # descriptive ones are carried from a TIFF into the output's EXIF.
 _TIFF_DESCRIPTIVE_TAGS = (0x010E, 0x010F, 0x0110, 0x0131, 0x0132, 0x013B, 0x8298)
+# Magic numbers of the formats we read: a file that starts with one but will not open is
+# a damaged image, which deserves a different message from "not an image at all".
+_IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF8", b"II*\x00", b"MM\x00*", b"RIFF", b"BM")
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,8 @@ def decode_image(data: bytes, label: str, max_pixels: int | None = None) -> Pict
         exif = tiff_exif or image.info.get("exif") or None
         pixels = _decode_sixteen_bit(data, orientation) if sixteen_bit_color else _pil_pixels(image, label)
     except UnidentifiedImageError:
+        if data.startswith(_IMAGE_SIGNATURES):
+            raise InputError(f"{label}: truncated or corrupt image (its header is unreadable)") from None
         raise InputError(f"{label}: not an image, or a format mprnet cannot read") from None
     except (OSError, SyntaxError, ValueError, struct.error) as error:
         raise InputError(f"{label}: truncated or corrupt image ({error})") from None

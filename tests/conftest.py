@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,3 +36,12 @@ def isolated_user_state(tmp_path_factory: pytest.TempPathFactory, monkeypatch: p
 def tiny_checkpoint() -> Path:
     """The seeded random tiny MPRNet (n_feat 16/8/8) saved as the authors save checkpoints."""
     return TINY_CHECKPOINT
+
+
+@pytest.fixture(autouse=True)
+def restored_logger() -> Iterator[None]:
+    """The CLI configures the `mprnet` logger for its process; undo that between tests."""
+    logger = logging.getLogger("mprnet")
+    handlers, level, propagate = logger.handlers[:], logger.level, logger.propagate
+    yield
+    logger.handlers[:], logger.level, logger.propagate = handlers, level, propagate

@@ -1,0 +1,166 @@
+"""Batches through the command line: folders, failures in the middle, resume, interrupts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from mprnet_cli.cli import app
+
+from .conftest import TINY_CHECKPOINT
+
+runner = CliRunner()
+WEIGHTS = ["--weights", str(TINY_CHECKPOINT), "--device", "cpu"]
+MPRNET = Path(sys.executable).parent / "mprnet"
+
+
+def _image(path: Path, size: int = 24, fmt: str | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(len(str(path))).integers(0, 256, (size, size + 8, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format=fmt)
+    return path
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """Nested folders, mixed formats, a corrupt and a zero-byte image in the middle."""
+    root = tmp_path / "in"
+    _image(root / "a.png")
+    _image(root / "b.jpg")
+    (root / "c_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40))
+    (root / "d_empty.jpg").write_bytes(b"")
+    _image(root / "trip" / "e.webp")
+    _image(root / "trip" / "day2" / "f.tif")
+    _image(root / ".thumbs" / "g.png")
+    (root / "readme.txt").write_text("not an image")
+    return root
+
+
+def _outputs(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+def test_folder_batch_goes_on_after_bad_files_and_summarises(folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["derain", str(folder), "-r", "-o", str(out), *WEIGHTS])
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert _outputs(out) == ["a.png", "b.jpg", "trip/day2/f.tif", "trip/e.webp"]
+    lines = result.stderr.splitlines()
+    assert f"skipped {folder / 'readme.txt'}: not an image" in lines
+    assert "skipped 1 hidden file(s)" in lines
+    assert f"error: {folder / 'd_empty.jpg'}: empty file, not an image" in lines
+    assert any(line.startswith(f"error: {folder / 'c_corrupt.png'}: truncated or corrupt image") for line in lines)
+    assert lines[-1].startswith("4 done, 2 skipped, 2 failed; ")
+
+
+def test_fail_fast_stops_at_the_first_failure(folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["derain", str(folder), "-o", str(out), "--fail-fast", *WEIGHTS])
+    assert result.exit_code == 1
+    assert result.stderr.count("error: ") == 1
+    assert "trip" not in _outputs(out) if out.exists() else True
+
+
+def test_rerun_skips_what_exists_and_overwrite_redoes_it(tmp_path: Path) -> None:
+    source = tmp_path / "in"
+    for name in ("a.png", "b.png", "c.png"):
+        _image(source / name)
+    out = tmp_path / "out"
+    first = runner.invoke(app, ["denoise", str(source), "-o", str(out), "--ext", "jpg", *WEIGHTS])
+    assert first.exit_code == 0, first.stderr
+    assert _outputs(out) == ["a.jpg", "b.jpg", "c.jpg"]
+    (out / "b.jpg").unlink()
+    stamp = (out / "a.jpg").stat().st_mtime_ns
+    second = runner.invoke(app, ["denoise", str(source), "-o", str(out), "--ext", "jpg", *WEIGHTS])
+    assert second.exit_code == 0, second.stderr
+    assert f"skipped {source / 'a.png'}: {out / 'a.jpg'} exists (use --overwrite to redo it)" in second.stderr
+    assert second.stderr.splitlines()[-1].startswith("1 done, 2 skipped, 0 failed; ")
+    assert (out / "a.jpg").stat().st_mtime_ns == stamp
+    third = runner.invoke(app, ["denoise", str(source), "-o", str(out), "--ext", "jpg", "--overwrite", *WEIGHTS])
+    assert third.exit_code == 0 and third.stderr.splitlines()[-1].startswith("3 done, 0 skipped, 0 failed; ")
+    nothing = runner.invoke(app, ["denoise", str(source), "-o", str(out), "--ext", "jpg", *WEIGHTS])
+    assert nothing.exit_code == 0
+    assert nothing.stderr.splitlines()[-1] == "nothing to do: every output exists (use --overwrite to redo them)"
+
+
+def test_colliding_names_are_refused_before_any_work(tmp_path: Path) -> None:
+    _image(tmp_path / "in" / "x.png")
+    _image(tmp_path / "in" / "x.jpg")
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["deblur", str(tmp_path / "in"), "-o", str(out), "--ext", "png", *WEIGHTS])
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"error: {tmp_path / 'in' / 'x.jpg'} and {tmp_path / 'in' / 'x.png'} would both be written to {out / 'x.png'}; "
+        "use --suffix or --ext\n"
+    )
+    assert not out.exists()
+
+
+def test_unwritable_output_directory(tmp_path: Path) -> None:
+    _image(tmp_path / "in" / "x.png")
+    blocker = tmp_path / "out"
+    blocker.write_text("a file, not a directory")
+    result = runner.invoke(app, ["deblur", str(tmp_path / "in"), "-o", str(blocker), *WEIGHTS])
+    assert result.exit_code == 2
+    assert result.stderr == f"error: {blocker}: is a file; with several inputs or a directory, -o must be a directory\n"
+
+
+def test_stdout_format_comes_from_ext(tmp_path: Path) -> None:
+    photo = _image(tmp_path / "x.png")
+    result = runner.invoke(app, ["deblur", "-", "-o", "-", "--ext", "webp", "--quiet", *WEIGHTS], input=photo.read_bytes())
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout_bytes[:4] == b"RIFF" and result.stdout_bytes[8:12] == b"WEBP"
+
+
+def test_interrupt_mid_batch_leaves_no_partial_file_and_a_rerun_completes(tmp_path: Path) -> None:
+    source = tmp_path / "in"
+    for index in range(12):
+        _image(source / f"{index:02d}.png", size=160)
+    out = tmp_path / "out"
+    command = [str(MPRNET), "deblur", str(source), "-o", str(out), *WEIGHTS]
+    env = {**os.environ, "NO_COLOR": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    deadline = time.monotonic() + 60
+    while not (out.exists() and any(out.glob("*.png"))) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr.decode()
+    assert stdout == b""
+    summary = stderr.decode().splitlines()[-1]
+    assert "not started (interrupted)" in summary
+    written = _outputs(out)
+    assert 1 <= len(written) < 12
+    assert all(not name.startswith(".") for name in written)  # no temporary files left behind
+    for name in written:
+        Image.open(out / name).load()  # every file under its final name is whole
+
+    rerun = subprocess.run(command, capture_output=True, env=env, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr.decode()
+    assert _outputs(out) == [f"{index:02d}.png" for index in range(12)]
+    assert rerun.stderr.decode().splitlines()[-1].startswith(f"{12 - len(written)} done, {len(written)} skipped, 0 failed; ")
+
+
+def test_sigterm_stops_like_ctrl_c(tmp_path: Path) -> None:
+    source = tmp_path / "in"
+    for index in range(12):
+        _image(source / f"{index:02d}.png", size=160)
+    out = tmp_path / "out"
+    process = subprocess.Popen([str(MPRNET), "deblur", str(source), "-o", str(out), *WEIGHTS], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not (out.exists() and any(out.glob("*.png"))) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.terminate()
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr.decode()
+    assert all(not p.name.startswith(".") for p in out.iterdir())
