@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from mprnet_cli.errors import DeviceError
@@ -64,6 +66,32 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     if name == "fp16" and device.type == "cpu":
         raise DeviceError("--precision fp16 is for GPUs; on the CPU use bf16 or fp32")
     return PRECISIONS[name]
+
+
+#: Share of the free memory a forward may plan to use; the rest is left for the
+#: accumulator, the decode/encode threads and everything else on the machine.
+MEMORY_SHARE = {"cuda": 0.8, "cpu": 0.5}
+
+
+def memory_budget(device: torch.device) -> float:
+    """Bytes a forward may use now: free GPU memory on CUDA, available RAM elsewhere
+    (Apple's MPS shares the machine's RAM)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return MEMORY_SHARE["cuda"] * free
+    return MEMORY_SHARE["cpu"] * available_ram()
+
+
+def available_ram() -> int:
+    """MemAvailable on Linux (what the kernel can hand out without swapping), else free pages."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def is_out_of_memory(error: BaseException) -> bool:

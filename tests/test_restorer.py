@@ -8,6 +8,10 @@ import torch
 from PIL import Image
 
 from mprnet_cli import Restorer
+from mprnet_cli.errors import DeviceError
+from mprnet_cli.model import restorer as restorer_module
+from mprnet_cli.model.config import MPRNetConfig
+from mprnet_cli.model.network import MPRNet
 from mprnet_cli.model.restorer import pad_to_multiple
 
 from .conftest import PARITY, TINY_CHECKPOINT
@@ -102,3 +106,112 @@ def test_unsupported_inputs_are_refused(restorer: Restorer) -> None:
         restorer.restore(np.zeros((4, 4, 5), dtype=np.uint8))
     with pytest.raises(ValueError, match="expected uint8, uint16 or float pixels, got int64"):
         restorer.restore(np.zeros((4, 4, 3), dtype=np.int64))
+
+
+def _identity_model() -> MPRNet:
+    """A small MPRNet whose last convolution is zero: its output is exactly its input."""
+    model = MPRNet(MPRNetConfig(n_feat=8, scale_unetfeats=4, scale_orsnetfeats=4, num_cab=1))
+    torch.nn.init.zeros_(model.tail.weight)
+    return model
+
+
+@pytest.mark.parametrize("blend", ["core", "feather", "split"])
+@pytest.mark.parametrize(("height", "width", "tile"), [(1, 1, 32), (7, 9, 32), (257, 513, 64), (100, 45, 40)])
+def test_tiling_an_identity_model_gives_back_the_input_exactly(height: int, width: int, tile: int, blend: str) -> None:
+    image = np.random.default_rng(height).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    restorer = Restorer(_identity_model(), device="cpu", tile=tile, tile_overlap=8, tile_blend=blend)
+    np.testing.assert_array_equal(restorer.restore(image), image)
+
+
+def test_tiled_result_does_not_depend_on_tiles_per_batch() -> None:
+    image = np.random.default_rng(5).integers(0, 256, (96, 136, 3), dtype=np.uint8).astype(np.float32) / 255
+    model = Restorer.from_checkpoint(TINY_CHECKPOINT, device="cpu").model
+    one = Restorer(model, device="cpu", tile=48, tile_overlap=16, tile_batch=1).restore(image)
+    three = Restorer(model, device="cpu", tile=48, tile_overlap=16, tile_batch=3).restore(image)
+    np.testing.assert_allclose(one, three, atol=1e-5)
+
+
+def test_progress_is_reported_per_batch_of_tiles() -> None:
+    calls: list[tuple[int, int]] = []
+    restorer = Restorer(_identity_model(), device="cpu", tile=32, tile_overlap=8, tile_batch=2)
+    restorer.restore(np.zeros((40, 60, 3), dtype=np.uint8), progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(2, 6), (4, 6), (6, 6)]  # 2 rows x 3 columns of tiles, two per call
+
+
+class _RunsOutOfMemory(torch.nn.Module):
+    """Wraps a network and fails like CUDA does when a call holds more than `limit` pixels."""
+
+    def __init__(self, model: MPRNet, limit: int) -> None:
+        super().__init__()
+        self.inner, self.config, self.limit = model, model.config, limit
+        self.sizes: list[tuple[int, ...]] = []
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self.sizes.append(tuple(image.shape))
+        if image.shape[0] * image.shape[2] * image.shape[3] > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.inner(image)
+
+
+def test_out_of_memory_splits_the_batch_then_the_tile(caplog: pytest.LogCaptureFixture) -> None:
+    image = np.random.default_rng(6).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    network = _RunsOutOfMemory(_identity_model(), limit=40 * 40)
+    restorer = Restorer(_identity_model(), device="cpu", tile=64, tile_overlap=8, tile_batch=4)
+    restorer.model = network
+    np.testing.assert_array_equal(restorer.restore(image), image)
+    assert network.sizes[:2] == [(4, 3, 64, 64), (2, 3, 64, 64)]
+    assert (1, 3, 32, 32) in network.sizes
+    assert "out of memory with 4 tiles per batch; retrying with 2" in caplog.text
+    assert "out of memory on a 64x64 tile; retrying it as 32-pixel tiles" in caplog.text
+
+
+def test_out_of_memory_below_the_smallest_tile_is_a_clear_error() -> None:
+    restorer = Restorer(_identity_model(), device="cpu", tile=32, tile_overlap=8)
+    restorer.model = _RunsOutOfMemory(restorer.model, limit=0)
+    with pytest.raises(DeviceError, match="out of memory on the device running 32-pixel tiles"):
+        restorer.restore(np.zeros((40, 40, 3), dtype=np.uint8))
+
+
+def test_whole_image_out_of_memory_falls_back_to_tiles_in_auto_mode() -> None:
+    image = np.random.default_rng(7).integers(0, 256, (80, 96, 3), dtype=np.uint8)
+    restorer = Restorer(_identity_model(), device="cpu", tile_overlap=8)
+    network = _RunsOutOfMemory(restorer.model, limit=48 * 48)
+    restorer.model = network
+    np.testing.assert_array_equal(restorer.restore(image), image)
+    assert network.sizes[0] == (1, 3, 80, 96) and network.sizes[1] == (1, 3, 48, 48)
+    exact = Restorer(_identity_model(), device="cpu", tile=0)
+    exact.model = _RunsOutOfMemory(exact.model, limit=48 * 48)
+    with pytest.raises(DeviceError, match="out of memory on the device running the whole image"):
+        exact.restore(image)
+
+
+def test_auto_tile_size_follows_the_memory_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    restorer = Restorer(_identity_model(), device="cpu")
+    per_pixel = restorer.bytes_per_pixel()
+    monkeypatch.setattr(restorer_module, "memory_budget", lambda device: per_pixel * 300 * 300)
+    assert restorer.tile_size_for(200, 300) == 0  # fits: the exact whole-image recipe
+    assert restorer.tile_size_for(400, 300) == 296  # the largest multiple of 8 that fits
+    monkeypatch.setattr(restorer_module, "memory_budget", lambda device: per_pixel * 4000 * 4000)
+    assert restorer.tile_size_for(2000, 2000) == restorer_module.CPU_TILE_CAP  # latency cap on the CPU
+    assert restorer.tiles_per_batch(256) == 1
+
+
+def test_auto_tiles_per_batch_on_cuda_fill_the_free_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    restorer = Restorer(_identity_model(), device="cpu")
+    restorer.device = torch.device("cuda")
+    restorer._bytes_per_pixel = 1000.0
+    monkeypatch.setattr(restorer_module, "memory_budget", lambda device: 1000.0 * 256 * 256 * 5.5)
+    assert restorer.tiles_per_batch(256) == 5
+    monkeypatch.setattr(restorer_module, "memory_budget", lambda device: 1000.0 * 256 * 256 * 100)
+    assert restorer.tiles_per_batch(256) == restorer_module.MAX_TILE_BATCH
+    assert restorer.tile_size_for(4000, 3000) == 2560 // 8 * 8  # no CPU latency cap on a GPU
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"tile": 33}, "tile size 33"), ({"tile": 64, "tile_overlap": 40}, "tile overlap 40 is too large"),
+     ({"tile_blend": "x"}, "unknown tile blend"), ({"tile_batch": 0}, "tile_batch must be at least 1")],
+)
+def test_bad_tile_options_are_refused(options: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Restorer(_identity_model(), device="cpu", **options)  # type: ignore[arg-type]

@@ -7,6 +7,9 @@ clamp. Grayscale and alpha are handled around it so the network always sees RGB.
 
 from __future__ import annotations
 
+import logging
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, overload
 
@@ -15,8 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mprnet_cli.devices import resolve_device, resolve_precision
+from mprnet_cli.devices import is_out_of_memory, memory_budget, resolve_device, resolve_precision
+from mprnet_cli.errors import DeviceError
+from mprnet_cli.model.config import MPRNetConfig
 from mprnet_cli.model.network import SIZE_MULTIPLE, MPRNet
+from mprnet_cli.tiling import DEFAULT_BLEND, DEFAULT_OVERLAP, MIN_TILE, Tile, TileGrid, check_tile_options, max_overlap
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -40,6 +46,36 @@ def pad_to_multiple(x: Tensor, multiple: int = SIZE_MULTIPLE) -> Tensor:
     return x
 
 
+logger = logging.getLogger("mprnet")
+
+#: `progress(done, total)`, called after each batch of tiles.
+Progress = Callable[[int, int], None]
+#: `cut(top, left, height, width)`: a 1x3xhxw float tile of the image being restored.
+TileCutter = Callable[[int, int, int, int], Tensor]
+
+#: On the CPU a tile of this side takes tens of seconds with the widest published model:
+#: larger images are tiled even when memory would allow more, so progress keeps moving.
+CPU_TILE_CAP = 1024
+#: Most tiles per forward on a GPU; beyond this the device is busy anyway.
+MAX_TILE_BATCH = 16
+#: Head-room over the measured probe peak (allocator fragmentation, cuDNN workspaces).
+PROBE_SAFETY = 1.25
+
+
+def estimate_bytes_per_pixel(config: MPRNetConfig, dtype: torch.dtype) -> float:
+    """Peak memory per input pixel of one forward on the CPU, from the widths.
+
+    The peak sits in stage 3, where full-resolution features of the ORSNet width live
+    alongside the stage-2 U-Net features; ACTIVATION_COPIES was measured with
+    benchmarks/speed.py (peak RSS minus the model, over pixels) and rounded up.
+    """
+    element = torch.empty((), dtype=dtype).element_size()
+    return ACTIVATION_COPIES * (config.orsnet_width + config.n_feat) * max(element, 4)
+
+
+#: Full-resolution feature maps alive at the peak, per channel of (ORSNet + U-Net width).
+ACTIVATION_COPIES = 12.0
+
 _INTEGER_SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
 
 
@@ -48,12 +84,33 @@ class Restorer:
 
     `restore` takes and returns numpy arrays (HxW, HxWx1, HxWx2, HxWx3 or HxWx4; uint8,
     uint16 or float in [0, 1]) or PIL images, keeping dtype, mode and alpha.
+
+    Tiling: `tile=None` (auto) runs the whole image when it fits the device's memory and
+    tiles it otherwise; `0` always runs the whole image (the exact published recipe); `N`
+    cuts N x N tiles overlapping by `tile_overlap` pixels, blended as `tile_blend` says
+    (see `mprnet_cli.tiling`). `tile_batch` tiles go through the network per call (None:
+    as many as the device has room for).
     """
 
-    def __init__(self, model: MPRNet, *, device: str | torch.device = "auto", precision: str = "fp32") -> None:
+    def __init__(
+        self,
+        model: MPRNet,
+        *,
+        device: str | torch.device = "auto",
+        precision: str = "fp32",
+        tile: int | None = None,
+        tile_overlap: int = DEFAULT_OVERLAP,
+        tile_blend: str = DEFAULT_BLEND,
+        tile_batch: int | None = None,
+    ) -> None:
+        check_tile_options(tile, tile_overlap, tile_blend)
+        if tile_batch is not None and tile_batch < 1:
+            raise ValueError(f"tile_batch must be at least 1, got {tile_batch}")
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.dtype = resolve_precision(precision, self.device)
-        self.model = model.eval().to(device=self.device, dtype=self.dtype)
+        self.model = model.eval().to(device=self.device, dtype=self.dtype, memory_format=torch.channels_last)
+        self.tile, self.tile_overlap, self.tile_blend, self.tile_batch = tile, tile_overlap, tile_blend, tile_batch
+        self._bytes_per_pixel: float | None = None
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, task: str | None = None, **options: object) -> Restorer:
@@ -64,40 +121,163 @@ class Restorer:
 
     @torch.inference_mode()
     def restore_tensor(self, image: Tensor) -> Tensor:
-        """Restore a float RGB batch (Bx3xHxW in [0, 1], any device); the result is float32 on the CPU."""
+        """Restore a float RGB batch (Bx3xHxW in [0, 1], any device) as one piece, by the
+        published recipe; the result is float32 on the CPU."""
         height, width = image.shape[-2:]
-        padded = pad_to_multiple(image.to(device=self.device, dtype=self.dtype))
-        restored = self.model(padded)[0][..., :height, :width]
+        image = image.to(device=self.device, dtype=self.dtype).contiguous(memory_format=torch.channels_last)
+        restored = self.model(pad_to_multiple(image))[0][..., :height, :width]
         return restored.float().clamp_(0.0, 1.0).cpu()
 
     @overload
-    def restore(self, image: np.ndarray) -> np.ndarray: ...
+    def restore(self, image: np.ndarray, progress: Progress | None = None) -> np.ndarray: ...
     @overload
-    def restore(self, image: Image.Image) -> Image.Image: ...
+    def restore(self, image: Image.Image, progress: Progress | None = None) -> Image.Image: ...
 
-    def restore(self, image: np.ndarray | Image.Image) -> np.ndarray | Image.Image:
+    def restore(self, image: np.ndarray | Image.Image, progress: Progress | None = None) -> np.ndarray | Image.Image:
+        """`progress(done, total)` is called after each tile when the image is tiled."""
         if isinstance(image, np.ndarray):
-            return self.restore_array(image)
+            return self.restore_array(image, progress)
         from PIL import Image
 
         if isinstance(image, Image.Image):
-            return self._restore_pil(image)
+            return self._restore_pil(image, progress)
         raise TypeError(f"expected a numpy array or a PIL image, got {type(image).__name__}")
 
-    def restore_array(self, array: np.ndarray) -> np.ndarray:
+    @torch.inference_mode()
+    def restore_array(self, array: np.ndarray, progress: Progress | None = None) -> np.ndarray:
         color, alpha = split_alpha(array)
-        restored = self.restore_tensor(array_to_tensor(color))
+        check_pixel_type(color)
+        height, width = color.shape[:2]
+
+        def cut(top: int, left: int, tile_height: int, tile_width: int) -> Tensor:
+            # Tiles are converted to float one at a time: no float copy of the whole image.
+            return array_to_tensor(color[top:top + tile_height, left:left + tile_width])
+
+        tile = self.tile_size_for(height, width)
+        if tile == 0:
+            try:
+                restored = self.restore_tensor(cut(0, 0, height, width))
+            except RuntimeError as error:
+                if self.tile is not None or not is_out_of_memory(error):
+                    raise _out_of_memory(error, "the whole image") if is_out_of_memory(error) else error
+                _release_cached_memory(self.device)
+                tile = _halve(_round_to_tile(max(height, width)), error, "the whole image")
+        if tile:
+            restored = self._restore_tiles(cut, height, width, tile, self.tile_overlap, progress)
         return join_alpha(tensor_to_array(restored, like=color), alpha)
 
-    def _restore_pil(self, image: Image.Image) -> Image.Image:
+    def tile_size_for(self, height: int, width: int) -> int:
+        """The tile size this image runs with: the chosen one, or with `tile=None` the whole
+        image (0) when it fits the memory budget and the latency cap, else the largest tile that does."""
+        if self.tile is not None:
+            return self.tile
+        budget = memory_budget(self.device)
+        pixels = budget / self.bytes_per_pixel()
+        if self.device.type == "cpu":
+            pixels = min(pixels, CPU_TILE_CAP**2)
+        padded = (height + -height % SIZE_MULTIPLE) * (width + -width % SIZE_MULTIPLE)
+        if padded <= pixels:
+            return 0
+        return max(MIN_TILE, int(math.sqrt(pixels)) // SIZE_MULTIPLE * SIZE_MULTIPLE)
+
+    def tiles_per_batch(self, tile: int) -> int:
+        """On a GPU one small tile leaves most of the device idle: batch as many as fit."""
+        if self.tile_batch is not None:
+            return self.tile_batch
+        if self.device.type == "cpu":
+            return 1
+        fits = int(memory_budget(self.device) / (self.bytes_per_pixel() * tile * tile))
+        return max(1, min(MAX_TILE_BATCH, fits))
+
+    def bytes_per_pixel(self) -> float:
+        """Peak device memory per input pixel of one forward: measured with a probe on CUDA,
+        estimated from the network's widths elsewhere."""
+        if self._bytes_per_pixel is None:
+            if self.device.type == "cuda":
+                self._bytes_per_pixel = self._measure_cuda_bytes_per_pixel()
+            else:
+                self._bytes_per_pixel = estimate_bytes_per_pixel(self.model.config, self.dtype)
+        return self._bytes_per_pixel
+
+    def _measure_cuda_bytes_per_pixel(self) -> float:
+        side = 256
+        torch.cuda.synchronize(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.restore_tensor(torch.zeros(1, 3, side, side))
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        return PROBE_SAFETY * peak / (side * side)
+
+    def _restore_tiles(self, cut: TileCutter, height: int, width: int, tile: int, overlap: int,
+                       progress: Progress | None) -> Tensor:
+        """Run the tiles in batches and stitch them into a float accumulator on the host.
+
+        A batch that runs out of memory is split; a single tile that does is itself restored
+        as smaller tiles (down to `MIN_TILE`), so one oversized tile never fails the image.
+        """
+        grid = TileGrid(height, width, tile, min(overlap, max_overlap(tile, self.tile_blend)), self.tile_blend)
+        output = torch.zeros(3, height, width)
+        batch = self.tiles_per_batch(tile)
+        tiles = list(grid)
+        done = 0
+        while done < len(tiles):
+            group = tiles[done:done + batch]
+            try:
+                restored = self.restore_tensor(torch.cat([cut(t.top, t.left, t.height, t.width) for t in group]))
+            except RuntimeError as error:
+                if not is_out_of_memory(error):
+                    raise
+                _release_cached_memory(self.device)
+                if batch > 1:
+                    batch //= 2
+                    logger.warning("out of memory with %d tiles per batch; retrying with %d", len(group), batch)
+                    continue
+                restored = self._restore_smaller(cut, group[0], _halve(tile, error, f"{tile}-pixel tiles"))
+            for placed, pixels in zip(group, restored):
+                grid.accumulate(output, placed, pixels)
+            done += len(group)
+            if progress is not None:
+                progress(done, len(tiles))
+        return output[None]
+
+    def _restore_smaller(self, cut: TileCutter, tile: Tile, smaller: int) -> Tensor:
+        logger.warning("out of memory on a %dx%d tile; retrying it as %d-pixel tiles", tile.width, tile.height, smaller)
+
+        def cut_inside(top: int, left: int, tile_height: int, tile_width: int) -> Tensor:
+            return cut(tile.top + top, tile.left + left, tile_height, tile_width)
+
+        return self._restore_tiles(cut_inside, tile.height, tile.width, smaller, self.tile_overlap, None)
+
+    def _restore_pil(self, image: Image.Image, progress: Progress | None) -> Image.Image:
         from PIL import Image
 
         mode = image.mode
         if mode not in ("L", "LA", "RGB", "RGBA", "I;16"):
             mode = "RGBA" if "A" in image.getbands() or "transparency" in image.info else "RGB"
             image = image.convert(mode)
-        restored = self.restore_array(np.asarray(image))
+        restored = self.restore_array(np.asarray(image), progress)
         return Image.fromarray(restored)
+
+
+def _round_to_tile(side: int) -> int:
+    return max(MIN_TILE, side + -side % SIZE_MULTIPLE)
+
+
+def _halve(tile: int, error: BaseException, what: str) -> int:
+    smaller = tile // 2 // SIZE_MULTIPLE * SIZE_MULTIPLE
+    if smaller < MIN_TILE:
+        raise _out_of_memory(error, what) from None
+    return smaller
+
+
+def _out_of_memory(error: BaseException, what: str) -> DeviceError:
+    return DeviceError(f"out of memory on the device running {what} (smallest tile is {MIN_TILE} pixels); "
+                       "free device memory, use --precision bf16, or --device cpu")
+
+
+def _release_cached_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def split_alpha(array: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -122,11 +302,15 @@ def join_alpha(color: np.ndarray, alpha: np.ndarray | None) -> np.ndarray:
     return np.concatenate([color, alpha[..., None]], axis=-1)
 
 
+def check_pixel_type(color: np.ndarray) -> None:
+    if color.dtype not in _INTEGER_SCALE and not np.issubdtype(color.dtype, np.floating):
+        raise ValueError(f"expected uint8, uint16 or float pixels, got {color.dtype}")
+
+
 def array_to_tensor(color: np.ndarray) -> Tensor:
     """HxW (gray, repeated to RGB) or HxWx3 pixels to a 1x3xHxW float tensor in [0, 1]."""
+    check_pixel_type(color)
     scale = _INTEGER_SCALE.get(color.dtype)
-    if scale is None and not np.issubdtype(color.dtype, np.floating):
-        raise ValueError(f"expected uint8, uint16 or float pixels, got {color.dtype}")
     tensor = torch.from_numpy(np.array(color, dtype=np.float32))  # a writable float copy
     if scale is not None:
         tensor /= scale
@@ -135,9 +319,12 @@ def array_to_tensor(color: np.ndarray) -> Tensor:
 
 
 def tensor_to_array(tensor: Tensor, like: np.ndarray) -> np.ndarray:
-    """Inverse of `array_to_tensor`: same dtype and layout as `like` (gray is the channel mean)."""
+    """Inverse of `array_to_tensor`: same dtype and layout as `like` (gray is the channel mean).
+
+    Works in place on `tensor` (which may be image-sized), so no second float copy is made.
+    """
     pixels = tensor[0].mean(dim=0) if like.ndim == 2 else tensor[0].permute(1, 2, 0)
     scale = _INTEGER_SCALE.get(like.dtype)
     if scale is None:
         return pixels.numpy().astype(like.dtype, copy=False)
-    return torch.round(pixels * scale).numpy().astype(like.dtype)
+    return pixels.mul_(scale).round_().numpy().astype(like.dtype)

@@ -1,0 +1,106 @@
+"""Tile geometry and blend weights, checked on their own, without a network."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mprnet_cli.tiling import BLENDS, TileGrid, check_tile_options, max_overlap, place_tiles
+
+
+def test_plain_layout_strides_by_tile_minus_overlap_and_shifts_the_last_tile_back() -> None:
+    assert place_tiles(1024, 256, margin=16) == [0, 224, 448, 672, 768]
+    assert place_tiles(1000, 256, margin=16) == [0, 224, 448, 672, 744]
+    assert place_tiles(256, 256, margin=16) == [0]
+    assert place_tiles(100, 256, margin=16) == [0]  # smaller than a tile: one tile
+    assert place_tiles(500, 256, margin=0) == [0, 244]
+
+
+@pytest.mark.parametrize(("length", "split"), [(257, False), (513, False), (6000, False), (400, True), (777, True), (6000, True)])
+def test_every_pixel_is_far_from_the_bad_lines_of_some_tile(length: int, split: bool) -> None:
+    tile, margin = 256, 16
+    starts = place_tiles(length, tile, margin, split)
+    assert starts[0] == 0 and starts[-1] == length - tile
+    best = torch.zeros(length)
+    for start in starts:
+        positions = torch.arange(start, start + tile) + 0.5
+        lines = [line for line in (start, start + tile) if 0 < line < length]
+        lines += [start + tile // 2] if split else []
+        distance = torch.stack([(positions - line).abs() for line in lines]).min(dim=0).values
+        best[start:start + tile] = torch.maximum(best[start:start + tile], distance)
+    assert best.min() >= margin
+
+
+@pytest.mark.parametrize("length", [257, 300, 350])
+def test_a_split_layout_too_short_to_avoid_the_centre_still_covers_every_pixel(length: int) -> None:
+    starts = place_tiles(length, 256, margin=16, split=True)
+    assert starts[0] == 0 and starts[-1] == length - 256
+    covered = torch.zeros(length, dtype=torch.bool)
+    for start in starts:
+        covered[start:start + 256] = True
+    assert covered.all()
+
+
+def test_split_layout_avoids_tile_centres_at_about_three_times_the_whole_image_compute() -> None:
+    grid = TileGrid(768, 1024, 256, 32, "split")
+    plain = TileGrid(768, 1024, 256, 32, "core")
+    assert len(plain) == 4 * 5
+    assert len(grid) == 5 * 7
+    assert 2.5 < len(grid) * 256 * 256 / (768 * 1024) < 3.2
+
+
+@pytest.mark.parametrize("blend", BLENDS)
+@pytest.mark.parametrize(("height", "width", "tile"), [(1, 1, 32), (7, 9, 32), (257, 513, 64), (100, 300, 96)])
+def test_weights_add_up_to_one_everywhere(blend: str, height: int, width: int, tile: int) -> None:
+    grid = TileGrid(height, width, tile, min(16, max_overlap(tile, blend)), blend)
+    total = torch.zeros(1, height, width)
+    for placed in grid:
+        grid.accumulate(total, placed, torch.ones(1, placed.height, placed.width))
+    torch.testing.assert_close(total, torch.ones_like(total), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("blend", BLENDS)
+def test_stitching_does_not_depend_on_tile_order(blend: str) -> None:
+    grid = TileGrid(200, 300, 64, 16, blend)
+    restored = {id(t): torch.rand(3, t.height, t.width, generator=torch.Generator().manual_seed(i))
+                for i, t in enumerate(grid)}
+    forward, backward = torch.zeros(3, 200, 300), torch.zeros(3, 200, 300)
+    for placed in grid:
+        grid.accumulate(forward, placed, restored[id(placed)])
+    for placed in reversed(grid.tiles):
+        grid.accumulate(backward, placed, restored[id(placed)])
+    torch.testing.assert_close(forward, backward, atol=1e-6, rtol=0)
+
+
+def test_core_blend_takes_each_pixel_from_exactly_one_tile_with_a_cut_mid_overlap() -> None:
+    grid = TileGrid(64, 480, 256, 32, "core")
+    assert grid.col_starts == [0, 224]
+    weights = grid.col_weights
+    assert set(weights.unique().tolist()) == {0.0, 1.0}
+    # The overlap is 224..256; the cut falls in its middle, at 240.
+    assert weights[0, :240].eq(1).all() and weights[1, 240:].eq(1).all()
+    # Only the used part of a tile is stitched.
+    assert [t.cols for t in grid] == [slice(0, 240), slice(16, 256)]
+
+
+def test_feather_blend_cross_fades_smoothly_across_the_overlap() -> None:
+    weights = TileGrid(64, 480, 256, 32, "feather").col_weights
+    fade_in = weights[1, 224:256]
+    assert fade_in[0] < 0.01 and fade_in[-1] > 0.99
+    assert (fade_in.diff() > 0).all()
+
+
+@pytest.mark.parametrize(
+    ("tile", "overlap", "blend", "message"),
+    [
+        (33, 8, "core", "tile size 33: must be a multiple of 8 and at least 32"),
+        (24, 8, "core", "tile size 24: must be a multiple of 8 and at least 32"),
+        (64, -1, "core", "tile overlap -1: must not be negative"),
+        (64, 40, "core", "tile overlap 40 is too large for 64-pixel tiles with the core blend (at most 32)"),
+        (64, 32, "split", "tile overlap 32 is too large for 64-pixel tiles with the split blend (at most 16)"),
+        (64, 8, "smooth", "unknown tile blend 'smooth': expected one of core, feather, split"),
+    ],
+)
+def test_impossible_options_are_refused_in_words(tile: int, overlap: int, blend: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_tile_options(tile, overlap, blend)
