@@ -83,10 +83,16 @@ def _parse_tile(value: str) -> int | None:
         return None
     if not text.isdigit():
         raise typer.BadParameter(f"{value!r}: expected auto, 0 (whole image) or a tile size in pixels")
-    size = int(text)
-    if size and (size < 32 or size % 8):
-        raise typer.BadParameter(f"{size}: a tile size must be a multiple of 8 and at least 32 (or 0 for none)")
-    return size
+    return int(text)
+
+
+def _check_tiling(tile: int | None, overlap: int, blend: str) -> None:
+    from mprnet_cli.tiling import check_tile_options
+
+    try:
+        check_tile_options(tile, overlap, blend)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
 
 
 Inputs = Annotated[
@@ -105,12 +111,18 @@ WeightsOption = Annotated[
 ]
 DeviceOption = Annotated[str, typer.Option("--device", "-d", help="auto, cpu, cuda, cuda:N or mps. auto: CUDA, then MPS, then CPU.")]
 PrecisionOption = Annotated[
-    str, typer.Option("--precision", help="fp32 (the exact reference), bf16, fp16 (GPU only) or auto.")
+    str, typer.Option("--precision", help="auto: bf16 where the hardware computes it natively (CUDA GPUs with bf16, "
+                      "CPUs with AVX-512 BF16 or AMX), else fp32. fp32: the exact reference. bf16. fp16: GPU only.")
 ]
 TileOption = Annotated[
-    str, typer.Option("--tile", "-t", help="Tile size in pixels (multiple of 8, >= 32); 0 runs the whole image at once.")
+    str, typer.Option("--tile", "-t", help="Tile size in pixels (multiple of 8, >= 32); 0 runs the whole image at once; "
+                      "auto: the whole image when it fits in memory, else the largest tile that does.")
 ]
 TileOverlapOption = Annotated[int, typer.Option("--tile-overlap", min=0, help="Pixels of overlap between tiles.")]
+TileBlendOption = Annotated[
+    str, typer.Option("--tile-blend", help="How tiles are joined: core (keep each tile's centre; fastest), feather "
+                      "(cross-fade), or split (also hides MPRNet's own patch seams inside each tile; about 2x the compute).")
+]
 QualityOption = Annotated[int, typer.Option("--quality", min=1, max=100, help="JPEG/WebP quality.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 
@@ -171,7 +183,8 @@ def _interrupt_on_sigterm() -> None:
 
 
 class _Report:
-    """Per-image lines or a live progress bar on stderr, and the closing summary."""
+    """Per-image lines or live progress bars (images, and the tiles of the current image)
+    on stderr, and the closing summary. Bars only on a terminal, and never with --quiet."""
 
     def __init__(self, total: int, quiet: bool) -> None:
         from rich.console import Console
@@ -181,20 +194,37 @@ class _Report:
         self.done = self.failed = 0
         self.megapixels = 0.0
         self.started = time.perf_counter()
-        self.bar = None
-        if not quiet and total > 1 and self.console.is_terminal:
+        self.bar = self.images = self.tiles = None
+        self.tiles_started = 0.0
+        if not quiet and self.console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=self.console, transient=True,
             )
-            self.bar_task = self.bar.add_task("starting", total=total, rate="")
+            if total > 1:
+                self.images = self.bar.add_task("starting", total=total, rate="")
             self.bar.start()
 
     def start(self, job: Job) -> None:
-        if self.bar is not None:
-            self.bar.update(self.bar_task, description=job.source)
+        if self.bar is None:
+            return
+        if self.images is not None:
+            self.bar.update(self.images, description=job.source)
+        if self.tiles is not None:
+            self.bar.remove_task(self.tiles)
+            self.tiles = None
+
+    def tile_progress(self, done: int, total: int) -> None:
+        if self.bar is None or total < 2:
+            return
+        now = time.perf_counter()
+        if self.tiles is None:
+            self.tiles_started = now
+            self.tiles = self.bar.add_task("  tiles", total=total, rate="")
+        rate = done / max(now - self.tiles_started, 1e-9)
+        self.bar.update(self.tiles, completed=done, rate=f"{rate:.2f} tiles/s")
 
     def outcome(self, outcome: Outcome) -> None:
         from mprnet_cli.pipeline import STDIO
@@ -208,9 +238,9 @@ class _Report:
             self.megapixels += outcome.megapixels
             target = "stdout" if job.target == STDIO else job.target
             self._print(f"{job.source} -> {target} ({outcome.megapixels:.2f} MP, {outcome.seconds:.1f} s)")
-        if self.bar is not None:
+        if self.images is not None:
             elapsed = time.perf_counter() - self.started
-            self.bar.update(self.bar_task, advance=1, rate=f"{self.megapixels / elapsed:.2f} MP/s")
+            self.bar.update(self.images, advance=1, rate=f"{self.megapixels / elapsed:.2f} MP/s")
 
     def _print(self, line: str, always: bool = False) -> None:
         if self.quiet and not always:
@@ -246,9 +276,10 @@ def _make_task_command(task: str):  # noqa: ANN202 - Typer reads the signature o
         output: OutputOption = None,
         weights: WeightsOption = None,
         device: DeviceOption = "auto",
-        precision: PrecisionOption = "fp32",
+        precision: PrecisionOption = "auto",
         tile: TileOption = "auto",
         tile_overlap: TileOverlapOption = 32,
+        tile_blend: TileBlendOption = "core",
         recursive: RecursiveOption = False,
         suffix: SuffixOption = None,
         ext: ExtOption = None,
@@ -259,6 +290,7 @@ def _make_task_command(task: str):  # noqa: ANN202 - Typer reads the signature o
         quiet: QuietOption = False,
     ) -> None:
         tile_size = _parse_tile(tile)
+        _check_tiling(tile_size, tile_overlap, tile_blend)
         _configure_logging(quiet)
         with _user_errors():
             from mprnet_cli import pipeline
@@ -270,7 +302,8 @@ def _make_task_command(task: str):  # noqa: ANN202 - Typer reads the signature o
             if not plan.jobs:
                 logger.info("nothing to do: every output exists (use --overwrite to redo them)")
                 return
-            restorer = pipeline.load_restorer(task, weights, device, precision, progress_bar=_progress_bar(quiet))
+            restorer = pipeline.load_restorer(task, weights, device, precision, tile=tile_size, tile_overlap=tile_overlap,
+                                              tile_blend=tile_blend, progress_bar=_progress_bar(quiet))
         _run_batch(restorer, plan, quality, max_pixels or None, extension, quiet, fail_fast)
 
     command.__doc__ = TASK_HELP[task]
@@ -292,7 +325,7 @@ def _run_batch(restorer: Restorer, plan: Plan, quality: int, max_pixels: int | N
     first_error = None
     _interrupt_on_sigterm()
     outcomes = pipeline.run_jobs(restorer, jobs, quality=quality, max_pixels=max_pixels,
-                                 stdout_format=stdout_format, on_start=report.start)
+                                 stdout_format=stdout_format, on_start=report.start, on_tiles=report.tile_progress)
     try:
         for outcome in outcomes:
             report.outcome(outcome)

@@ -26,7 +26,8 @@ from PIL import Image
 from mprnet_cli.devices import resolve_device
 from mprnet_cli.errors import InputError, MprnetError, OutputError
 from mprnet_cli.imageio import FORMATS, Picture, decode_image, encode_image, format_for, read_image, write_atomic
-from mprnet_cli.model.restorer import Restorer
+from mprnet_cli.model.restorer import Progress, Restorer
+from mprnet_cli.tiling import DEFAULT_BLEND, DEFAULT_OVERLAP
 from mprnet_cli.weights import resolve_checkpoint
 
 STDIO = "-"
@@ -232,18 +233,27 @@ def _target_for(source: Path, relative: Path, directory: Path | None, naming: Ou
 
 
 def load_restorer(
-    task: str, weights: str | None, device: str, precision: str, *, progress_bar: type | None = None
+    task: str,
+    weights: str | None,
+    device: str,
+    precision: str,
+    *,
+    tile: int | None = None,
+    tile_overlap: int = DEFAULT_OVERLAP,
+    tile_blend: str = DEFAULT_BLEND,
+    progress_bar: type | None = None,
 ) -> Restorer:
     """Resolve the device first (cheap, and the likelier mistake), then the checkpoint:
     `weights` (a path or hf:// spec) or, when None, the task's registered one, downloaded
     once with `progress_bar` as huggingface_hub's tqdm class (None: its own, on stderr)."""
     resolved = resolve_device(device)
     checkpoint = resolve_checkpoint(task, weights, tqdm_class=progress_bar)
-    return Restorer.from_checkpoint(checkpoint, task, device=resolved, precision=precision)
+    return Restorer.from_checkpoint(checkpoint, task, device=resolved, precision=precision, tile=tile,
+                                    tile_overlap=tile_overlap, tile_blend=tile_blend)
 
 
-def restore_picture(restorer: Restorer, picture: Picture) -> Picture:
-    return picture.with_pixels(restorer.restore_array(picture.pixels))
+def restore_picture(restorer: Restorer, picture: Picture, progress: Progress | None = None) -> Picture:
+    return picture.with_pixels(restorer.restore_array(picture.pixels, progress))
 
 
 def _read(source: str, max_pixels: int | None) -> Picture:
@@ -353,8 +363,12 @@ def run_jobs(
     max_pixels: int | None = None,
     stdout_format: str = "PNG",
     on_start: Callable[[Job], None] | None = None,
+    on_tiles: Progress | None = None,
 ) -> Iterator[Outcome]:
     """Restore every job, yielding one `Outcome` per job as each is written.
+
+    `on_start(job)` is called as a job reaches the network, and `on_tiles(done, total)`
+    as the tiles of a tiled image finish.
 
     Errors stay per job. If the caller stops early (an exception, an interrupt, or simply
     not iterating further), images already restored are still written completely, and
@@ -375,7 +389,7 @@ def run_jobs(
                 on_start(item.job)
             computed = time.perf_counter()
             try:
-                restored = restore_picture(restorer, item.picture)
+                restored = restore_picture(restorer, item.picture, on_tiles)
             except MprnetError as error:
                 yield Outcome(item.job, error=error, seconds=time.perf_counter() - item.started)
                 continue
