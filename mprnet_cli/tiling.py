@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+RAMP = lambda tile, margin: 2 * margin
 BLENDS = ("core", "feather", "split")
 DEFAULT_BLEND = "core"
 DEFAULT_OVERLAP = 32
@@ -52,6 +53,34 @@ def check_tile_options(tile: int | None, overlap: int, blend: str) -> None:
     if tile and overlap > max_overlap(tile, blend):
         raise ValueError(f"tile overlap {overlap} is too large for {tile}-pixel tiles with the {blend} blend "
                          f"(at most {max_overlap(tile, blend)})")
+
+
+def plan_tile_shape(height: int, width: int, max_pixels: float, overlap: int) -> tuple[int, int] | None:
+    """The tile shape for an image when at most `max_pixels` fit in one forward: None when
+    the whole image fits, else the fewest tiles per axis (none larger than a square of
+    `max_pixels`), each made just large enough to cover its share, so the overlap adds
+    as little compute as possible (1920x1080 in four 560x976 tiles, not six 1024-pixel
+    squares)."""
+    if _round_up(height) * _round_up(width) <= max_pixels:
+        return None
+    side = max(MIN_TILE, int(math.sqrt(max_pixels)) // 8 * 8)
+    # The shorter axis first: when it needs no cut, the other axis gets the pixels it leaves.
+    short, long = sorted((height, width))
+    short_tile = _share(short, side, overlap)
+    long_tile = _share(long, max(side, int(max_pixels / _round_up(short_tile)) // 8 * 8), overlap)
+    return (short_tile, long_tile) if height <= width else (long_tile, short_tile)
+
+
+def _share(length: int, side: int, overlap: int) -> int:
+    if length <= side:
+        return max(MIN_TILE, _round_up(length))
+    stride = side - overlap
+    count = math.ceil((length - overlap) / stride)
+    return min(side, _round_up(math.ceil((length + (count - 1) * overlap) / count)))
+
+
+def _round_up(side: int) -> int:
+    return side + -side % 8
 
 
 def _bad_lines(start: int, tile: int, length: int, split: bool) -> list[int]:
@@ -136,7 +165,7 @@ def axis_weights(length: int, starts: list[int], tile: int, margin: int, blend: 
         weights = torch.zeros_like(distance)
         weights[distance.argmax(dim=0), torch.arange(length)] = 1.0  # ties go to the earlier tile
     else:
-        ramp = (distance / max(2 * margin, 1)).clamp(0.0, 1.0)
+        ramp = (distance / max(RAMP(tile, margin), 1)).clamp(0.0, 1.0)
         weights = torch.where(distance >= 0, torch.sin(ramp * math.pi / 2) ** 2 + 1e-6, 0.0)
     return (weights / weights.sum(dim=0, keepdim=True)).float()
 
@@ -155,16 +184,20 @@ class Tile:
 
 
 class TileGrid:
-    """The tiles covering a `height` x `width` image, and their blend weights."""
+    """The tiles covering a `height` x `width` image, and their blend weights. `tile` is a
+    side (square tiles) or (height, width)."""
 
-    def __init__(self, height: int, width: int, tile: int, overlap: int, blend: str = DEFAULT_BLEND) -> None:
-        check_tile_options(tile, overlap, blend)
+    def __init__(self, height: int, width: int, tile: int | tuple[int, int], overlap: int,
+                 blend: str = DEFAULT_BLEND) -> None:
+        tile_height, tile_width = (tile, tile) if isinstance(tile, int) else tile
+        for side in {tile_height, tile_width}:
+            check_tile_options(side, overlap, blend)
         self.height, self.width = height, width
-        self.tile_height, self.tile_width = min(tile, height), min(tile, width)
+        self.tile_height, self.tile_width = min(tile_height, height), min(tile_width, width)
         margin = overlap // 2
         split = blend == "split"
-        self.row_starts = place_tiles(height, tile, margin, split)
-        self.col_starts = place_tiles(width, tile, margin, split)
+        self.row_starts = place_tiles(height, tile_height, margin, split)
+        self.col_starts = place_tiles(width, tile_width, margin, split)
         self.row_weights = axis_weights(height, self.row_starts, self.tile_height, margin, blend)
         self.col_weights = axis_weights(width, self.col_starts, self.tile_width, margin, blend)
         self.tiles = [

@@ -162,13 +162,13 @@ def test_out_of_memory_splits_the_batch_then_the_tile(caplog: pytest.LogCaptureF
     assert network.sizes[:2] == [(4, 3, 64, 64), (2, 3, 64, 64)]
     assert (1, 3, 32, 32) in network.sizes
     assert "out of memory with 4 tiles per batch; retrying with 2" in caplog.text
-    assert "out of memory on a 64x64 tile; retrying it as 32-pixel tiles" in caplog.text
+    assert "out of memory on a 64x64 tile; retrying it as 32x32 tiles" in caplog.text
 
 
 def test_out_of_memory_below_the_smallest_tile_is_a_clear_error() -> None:
     restorer = Restorer(_identity_model(), device="cpu", tile=32, tile_overlap=8)
     restorer.model = _RunsOutOfMemory(restorer.model, limit=0)
-    with pytest.raises(DeviceError, match="out of memory on the device running 32-pixel tiles"):
+    with pytest.raises(DeviceError, match="out of memory on the device running 32x32 tiles"):
         restorer.restore(np.zeros((40, 40, 3), dtype=np.uint8))
 
 
@@ -178,22 +178,22 @@ def test_whole_image_out_of_memory_falls_back_to_tiles_in_auto_mode() -> None:
     network = _RunsOutOfMemory(restorer.model, limit=48 * 48)
     restorer.model = network
     np.testing.assert_array_equal(restorer.restore(image), image)
-    assert network.sizes[0] == (1, 3, 80, 96) and network.sizes[1] == (1, 3, 48, 48)
+    assert network.sizes[0] == (1, 3, 80, 96) and network.sizes[1] == (1, 3, 40, 48)
     exact = Restorer(_identity_model(), device="cpu", tile=0)
     exact.model = _RunsOutOfMemory(exact.model, limit=48 * 48)
     with pytest.raises(DeviceError, match="out of memory on the device running the whole image"):
         exact.restore(image)
 
 
-def test_auto_tile_size_follows_the_memory_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_tile_shape_follows_the_memory_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     restorer = Restorer(_identity_model(), device="cpu")
     per_pixel = restorer.bytes_per_pixel()
     monkeypatch.setattr(restorer_module, "memory_budget", lambda device: per_pixel * 300 * 300)
-    assert restorer.tile_size_for(200, 300) == 0  # fits: the exact whole-image recipe
-    assert restorer.tile_size_for(400, 300) == 296  # the largest multiple of 8 that fits
+    assert restorer.tile_shape_for(200, 300) is None  # fits: the exact whole-image recipe
+    assert restorer.tile_shape_for(400, 300) == (400, 168)  # two tiles, each no larger than needed
     monkeypatch.setattr(restorer_module, "memory_budget", lambda device: per_pixel * 4000 * 4000)
-    assert restorer.tile_size_for(2000, 2000) == restorer_module.CPU_TILE_CAP  # latency cap on the CPU
-    assert restorer.tiles_per_batch(256) == 1
+    assert restorer.tile_shape_for(1080, 1920) == (560, 976)  # the CPU's latency cap: 4 tiles, not one
+    assert restorer.tiles_per_batch((560, 976)) == 1
 
 
 def test_auto_tiles_per_batch_on_cuda_fill_the_free_memory(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -201,10 +201,10 @@ def test_auto_tiles_per_batch_on_cuda_fill_the_free_memory(monkeypatch: pytest.M
     restorer.device = torch.device("cuda")
     restorer._bytes_per_pixel = 1000.0
     monkeypatch.setattr(restorer_module, "memory_budget", lambda device: 1000.0 * 256 * 256 * 5.5)
-    assert restorer.tiles_per_batch(256) == 5
+    assert restorer.tiles_per_batch((256, 256)) == 5
     monkeypatch.setattr(restorer_module, "memory_budget", lambda device: 1000.0 * 256 * 256 * 100)
-    assert restorer.tiles_per_batch(256) == restorer_module.MAX_TILE_BATCH
-    assert restorer.tile_size_for(4000, 3000) == 2560 // 8 * 8  # no CPU latency cap on a GPU
+    assert restorer.tiles_per_batch((256, 256)) == restorer_module.MAX_TILE_BATCH
+    assert restorer.tile_shape_for(1080, 1920) is None  # no CPU latency cap on a GPU: 6.5 MP fit
 
 
 @pytest.mark.parametrize(

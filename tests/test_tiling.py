@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mprnet_cli.tiling import BLENDS, TileGrid, check_tile_options, max_overlap, place_tiles
+from mprnet_cli.tiling import BLENDS, TileGrid, check_tile_options, max_overlap, place_tiles, plan_tile_shape
 
 
 def test_plain_layout_strides_by_tile_minus_overlap_and_shifts_the_last_tile_back() -> None:
@@ -104,3 +104,25 @@ def test_feather_blend_cross_fades_smoothly_across_the_overlap() -> None:
 def test_impossible_options_are_refused_in_words(tile: int, overlap: int, blend: str, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         check_tile_options(tile, overlap, blend)
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "max_pixels", "shape"),
+    [
+        (500, 500, 1024**2, None),  # fits: no tiles
+        (1080, 1920, 1024**2, (560, 976)),  # 4 tiles covering 2.19 MP, not 6 squares of 1024
+        (1920, 1080, 1024**2, (976, 560)),
+        (300, 6000, 1024**2, (304, 3016)),  # a short side needs no cut: the long one gets its pixels
+        (4000, 6000, 512**2, (480, 536)),
+    ],
+)
+def test_auto_tile_shape_wastes_little_on_overlap(height: int, width: int, max_pixels: int,
+                                                  shape: tuple[int, int] | None) -> None:
+    assert plan_tile_shape(height, width, max_pixels, overlap=32) == shape
+    if shape is not None:
+        assert shape[0] * shape[1] <= max_pixels
+        grid = TileGrid(height, width, shape, 32)
+        side = int(max_pixels**0.5) // 8 * 8
+        squares = TileGrid(height, width, side, 32)
+        assert len(grid) <= len(squares)
+        assert len(grid) * grid.tile_height * grid.tile_width < len(squares) * squares.tile_height * squares.tile_width

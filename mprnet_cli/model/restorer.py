@@ -8,7 +8,6 @@ clamp. Grayscale and alpha are handled around it so the network always sees RGB.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, overload
@@ -22,7 +21,16 @@ from mprnet_cli.devices import is_out_of_memory, memory_budget, resolve_device, 
 from mprnet_cli.errors import DeviceError
 from mprnet_cli.model.config import MPRNetConfig
 from mprnet_cli.model.network import SIZE_MULTIPLE, MPRNet
-from mprnet_cli.tiling import DEFAULT_BLEND, DEFAULT_OVERLAP, MIN_TILE, Tile, TileGrid, check_tile_options, max_overlap
+from mprnet_cli.tiling import (
+    DEFAULT_BLEND,
+    DEFAULT_OVERLAP,
+    MIN_TILE,
+    Tile,
+    TileGrid,
+    check_tile_options,
+    max_overlap,
+    plan_tile_shape,
+)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -153,40 +161,39 @@ class Restorer:
             # Tiles are converted to float one at a time: no float copy of the whole image.
             return array_to_tensor(color[top:top + tile_height, left:left + tile_width])
 
-        tile = self.tile_size_for(height, width)
-        if tile == 0:
+        shape = self.tile_shape_for(height, width)
+        if shape is None:
             try:
                 restored = self.restore_tensor(cut(0, 0, height, width))
             except RuntimeError as error:
                 if self.tile is not None or not is_out_of_memory(error):
                     raise _out_of_memory(error, "the whole image") if is_out_of_memory(error) else error
                 _release_cached_memory(self.device)
-                tile = _halve(_round_to_tile(max(height, width)), error, "the whole image")
-        if tile:
-            restored = self._restore_tiles(cut, height, width, tile, self.tile_overlap, progress)
+                shape = _halve((_round_up(height), _round_up(width)), error, "the whole image")
+        if shape is not None:
+            restored = self._restore_tiles(cut, height, width, shape, self.tile_overlap, progress)
         return join_alpha(tensor_to_array(restored, like=color), alpha)
 
-    def tile_size_for(self, height: int, width: int) -> int:
-        """The tile size this image runs with: the chosen one, or with `tile=None` the whole
-        image (0) when it fits the memory budget and the latency cap, else the largest tile that does."""
+    def tile_shape_for(self, height: int, width: int) -> tuple[int, int] | None:
+        """The (height, width) of the tiles this image runs in, or None for the whole image.
+
+        With `tile=None`: the whole image when it fits the memory budget (and, on the CPU,
+        the latency cap), else the fewest tiles that do, sized to waste little on overlap.
+        """
         if self.tile is not None:
-            return self.tile
-        budget = memory_budget(self.device)
-        pixels = budget / self.bytes_per_pixel()
+            return (self.tile, self.tile) if self.tile else None
+        pixels = memory_budget(self.device) / self.bytes_per_pixel()
         if self.device.type == "cpu":
             pixels = min(pixels, CPU_TILE_CAP**2)
-        padded = (height + -height % SIZE_MULTIPLE) * (width + -width % SIZE_MULTIPLE)
-        if padded <= pixels:
-            return 0
-        return max(MIN_TILE, int(math.sqrt(pixels)) // SIZE_MULTIPLE * SIZE_MULTIPLE)
+        return plan_tile_shape(height, width, pixels, self.tile_overlap)
 
-    def tiles_per_batch(self, tile: int) -> int:
+    def tiles_per_batch(self, shape: tuple[int, int]) -> int:
         """On a GPU one small tile leaves most of the device idle: batch as many as fit."""
         if self.tile_batch is not None:
             return self.tile_batch
         if self.device.type == "cpu":
             return 1
-        fits = int(memory_budget(self.device) / (self.bytes_per_pixel() * tile * tile))
+        fits = int(memory_budget(self.device) / (self.bytes_per_pixel() * shape[0] * shape[1]))
         return max(1, min(MAX_TILE_BATCH, fits))
 
     def bytes_per_pixel(self) -> float:
@@ -208,16 +215,17 @@ class Restorer:
         peak = torch.cuda.max_memory_allocated(self.device) - before
         return PROBE_SAFETY * peak / (side * side)
 
-    def _restore_tiles(self, cut: TileCutter, height: int, width: int, tile: int, overlap: int,
+    def _restore_tiles(self, cut: TileCutter, height: int, width: int, shape: tuple[int, int], overlap: int,
                        progress: Progress | None) -> Tensor:
         """Run the tiles in batches and stitch them into a float accumulator on the host.
 
         A batch that runs out of memory is split; a single tile that does is itself restored
         as smaller tiles (down to `MIN_TILE`), so one oversized tile never fails the image.
         """
-        grid = TileGrid(height, width, tile, min(overlap, max_overlap(tile, self.tile_blend)), self.tile_blend)
+        overlap = min(overlap, max_overlap(min(shape), self.tile_blend))
+        grid = TileGrid(height, width, shape, overlap, self.tile_blend)
         output = torch.zeros(3, height, width)
-        batch = self.tiles_per_batch(tile)
+        batch = self.tiles_per_batch(shape)
         tiles = list(grid)
         done = 0
         while done < len(tiles):
@@ -232,7 +240,8 @@ class Restorer:
                     batch //= 2
                     logger.warning("out of memory with %d tiles per batch; retrying with %d", len(group), batch)
                     continue
-                restored = self._restore_smaller(cut, group[0], _halve(tile, error, f"{tile}-pixel tiles"))
+                smaller = _halve((grid.tile_height, grid.tile_width), error, _describe(grid))
+                restored = self._restore_smaller(cut, group[0], smaller)
             for placed, pixels in zip(group, restored):
                 grid.accumulate(output, placed, pixels)
             done += len(group)
@@ -240,8 +249,9 @@ class Restorer:
                 progress(done, len(tiles))
         return output[None]
 
-    def _restore_smaller(self, cut: TileCutter, tile: Tile, smaller: int) -> Tensor:
-        logger.warning("out of memory on a %dx%d tile; retrying it as %d-pixel tiles", tile.width, tile.height, smaller)
+    def _restore_smaller(self, cut: TileCutter, tile: Tile, smaller: tuple[int, int]) -> Tensor:
+        logger.warning("out of memory on a %dx%d tile; retrying it as %dx%d tiles", tile.width, tile.height,
+                       smaller[1], smaller[0])
 
         def cut_inside(top: int, left: int, tile_height: int, tile_width: int) -> Tensor:
             return cut(tile.top + top, tile.left + left, tile_height, tile_width)
@@ -259,15 +269,21 @@ class Restorer:
         return Image.fromarray(restored)
 
 
-def _round_to_tile(side: int) -> int:
-    return max(MIN_TILE, side + -side % SIZE_MULTIPLE)
+def _round_up(side: int) -> int:
+    return side + -side % SIZE_MULTIPLE
 
 
-def _halve(tile: int, error: BaseException, what: str) -> int:
-    smaller = tile // 2 // SIZE_MULTIPLE * SIZE_MULTIPLE
-    if smaller < MIN_TILE:
+def _describe(grid: TileGrid) -> str:
+    return f"{grid.tile_width}x{grid.tile_height} tiles"
+
+
+def _halve(shape: tuple[int, int], error: BaseException, what: str) -> tuple[int, int]:
+    """Half of each side, as a multiple of 8 and no less than `MIN_TILE`; an error when
+    neither side can shrink any more."""
+    smaller = tuple(max(MIN_TILE, side // 2 // SIZE_MULTIPLE * SIZE_MULTIPLE) for side in shape)
+    if smaller == tuple(shape):
         raise _out_of_memory(error, what) from None
-    return smaller
+    return smaller  # type: ignore[return-value]
 
 
 def _out_of_memory(error: BaseException, what: str) -> DeviceError:
