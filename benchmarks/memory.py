@@ -74,9 +74,10 @@ def run_one(name: str) -> dict[str, object]:
     restored = restorer.restore(image)
     seconds = time.perf_counter() - started
     assert restored.shape == image.shape
-    chosen = restorer.tile_size_for(height, width)
+    chosen = restorer.tile_shape_for(height, width)
     return {
-        "run": name, "pixels": height * width, "tile": chosen, "precision": str(restorer.dtype).removeprefix("torch."),
+        "run": name, "pixels": height * width, "tile": "whole" if chosen is None else f"{chosen[1]}x{chosen[0]}",
+        "precision": str(restorer.dtype).removeprefix("torch."),
         "seconds": round(seconds, 1), "rss_before": ready, "peak_rss": _peak_rss(),
         "estimated_bytes_per_pixel": restorer.bytes_per_pixel(),
     }
@@ -98,12 +99,12 @@ def main() -> None:
         print(json.dumps(run_one(arguments.worker)))
         return
     results = [measure(name) for case in arguments.case or list(CASES) for name in CASES[case]]
-    print(f"{'run':<18} {'pixels':>11} {'tile':>5} {'prec':>8} {'seconds':>8} {'peak RSS':>9} {'forward':>9} "
+    print(f"{'run':<18} {'pixels':>11} {'tile':>9} {'prec':>8} {'seconds':>8} {'peak RSS':>9} {'forward':>9} "
           f"{'B/px meas.':>10} {'B/px est.':>9}")
     for result in results:
         forward = result["peak_rss"] - result["rss_before"]
-        measured = forward / result["pixels"] if result["tile"] == 0 else float("nan")
-        print(f"{result['run']:<18} {result['pixels']:>11,} {result['tile']:>5} {result['precision']:>8} "
+        measured = forward / result["pixels"] if result["tile"] == "whole" else float("nan")
+        print(f"{result['run']:<18} {result['pixels']:>11,} {result['tile']:>9} {result['precision']:>8} "
               f"{result['seconds']:>8} {result['peak_rss'] / GIB:>8.2f}G {forward / GIB:>8.2f}G "
               f"{measured:>10.0f} {result['estimated_bytes_per_pixel']:>9.0f}")
     by_name = {result["run"]: result for result in results}

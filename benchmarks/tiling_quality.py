@@ -10,6 +10,7 @@ photo (scikit-image's CC0 `chelsea`, held out of its training, enlarged), in fp3
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -19,24 +20,8 @@ from mprnet_cli import Restorer
 from mprnet_cli.tiling import BLENDS, TileGrid
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKPOINT = ROOT / "tests" / "data" / "trained" / "tiny_denoiser.pth"
-
-
-def noisy_photo(height: int = 768, width: int = 1024, sigma: float = 25 / 255) -> tuple[np.ndarray, np.ndarray]:
-    """(clean, noisy) float32 HxWx3 in [0, 1]; the same pixels every run."""
-    from PIL import Image
-    from skimage import data
-
-    cat = Image.fromarray(data.chelsea())
-    scale = max(height / cat.height, width / cat.width)
-    cat = cat.resize((round(cat.width * scale), round(cat.height * scale)), Image.Resampling.BICUBIC)
-    clean = np.asarray(cat, dtype=np.float32)[:height, :width] / 255
-    noise = np.random.default_rng(0).normal(0, sigma, clean.shape).astype(np.float32)
-    return clean, np.clip(clean + noise, 0, 1)
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    return float(10 * np.log10(1 / np.mean((a.astype(np.float64) - b) ** 2)))
+sys.path.insert(0, str(ROOT))
+from tests.trained_model import CHECKPOINT, noisy_photo, psnr  # noqa: E402 - needs the repository on the path
 
 
 def main() -> None:

@@ -6,11 +6,16 @@ the network cuts its input into 4 and 2 patches. Every blend here is one rule ap
 axis: place tiles so that each pixel lies at least `margin` pixels from the bad lines of
 some tile, then weight each tile's pixels by their distance to its bad lines.
 
+- `feather` (the default): a raised-cosine cross-fade across each overlap.
 - `core`: each pixel comes from the tile where it is farthest from an edge (Real-ESRGAN's
   "context, then keep the core"): a hard cut in the middle of every overlap.
-- `feather`: a raised-cosine cross-fade across each overlap.
 - `split`: feather, with the centre lines counted as bad lines too, so the model's own
   patch seams are blended away; the tiles are denser, so it costs more compute.
+
+Measured on the small trained denoiser (768x1024, tiles of 256 overlapping by 32, PSNR
+against the whole-image run; benchmarks/tiling_quality.py): core 47.6 dB, feather
+49.1 dB, split 54.9 dB at 1.75x the tiles of the other two. What feather and core leave
+sits on each tile's centre lines, the model's own seams.
 
 Weights are separable and normalised per axis, so the 2-D weights of all tiles add up to
 exactly one at every pixel: no weight buffer the size of the image is needed, and the
@@ -26,9 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-RAMP = lambda tile, margin: 2 * margin
-BLENDS = ("core", "feather", "split")
-DEFAULT_BLEND = "core"
+BLENDS = ("feather", "core", "split")
+DEFAULT_BLEND = "feather"
 DEFAULT_OVERLAP = 32
 
 #: Smallest tile the network can use: a multiple of 8 (its two halvings of half-size
@@ -165,7 +169,7 @@ def axis_weights(length: int, starts: list[int], tile: int, margin: int, blend: 
         weights = torch.zeros_like(distance)
         weights[distance.argmax(dim=0), torch.arange(length)] = 1.0  # ties go to the earlier tile
     else:
-        ramp = (distance / max(RAMP(tile, margin), 1)).clamp(0.0, 1.0)
+        ramp = (distance / max(2 * margin, 1)).clamp(0.0, 1.0)
         weights = torch.where(distance >= 0, torch.sin(ramp * math.pi / 2) ** 2 + 1e-6, 0.0)
     return (weights / weights.sum(dim=0, keepdim=True)).float()
 

@@ -46,7 +46,7 @@ def test_help_shows_examples_and_the_license() -> None:
     assert "Academic Public License: non-commercial use only" in text
     for task in ("deblur", "derain", "denoise"):
         task_help = " ".join(runner.invoke(app, [task, "--help"]).stdout.split())
-        assert f"mprnet {task} " in task_help.split("Example:")[1]
+        assert f"mprnet {task} " in task_help.split("Examples:")[1]
         assert "non-commercial use only" in task_help
 
 
@@ -173,8 +173,8 @@ def test_tiled_run_matches_the_python_api(photo: Path, tmp_path: Path) -> None:
     [
         (["--tile", "big"], "'big': expected auto, 0 (whole image) or a tile size in pixels"),
         (["--tile", "64", "--tile-overlap", "40"],
-         "tile overlap 40 is too large for 64-pixel tiles with the core blend (at most 32)"),
-        (["--tile-blend", "smooth"], "unknown tile blend 'smooth': expected one of core, feather, split"),
+         "tile overlap 40 is too large for 64-pixel tiles with the feather blend (at most 32)"),
+        (["--tile-blend", "smooth"], "unknown tile blend 'smooth': expected one of feather, core, split"),
     ],
 )
 def test_bad_tile_options(photo: Path, options: list[str], message: str, monkeypatch: pytest.MonkeyPatch,

@@ -146,7 +146,7 @@ def test_extension_option() -> None:
 class _Doubler:
     """Stands in for a Restorer: fast, and its output is checkable."""
 
-    def restore_array(self, array: np.ndarray) -> np.ndarray:
+    def restore_array(self, array: np.ndarray, progress: object = None) -> np.ndarray:
         return (array // 2).astype(array.dtype)
 
 

@@ -75,7 +75,8 @@ def estimate_bytes_per_pixel(config: MPRNetConfig, dtype: torch.dtype) -> float:
 
     The peak sits in stage 3, where full-resolution features of the ORSNet width live
     alongside the stage-2 U-Net features; ACTIVATION_COPIES was measured with
-    benchmarks/speed.py (peak RSS minus the model, over pixels) and rounded up.
+    benchmarks/memory.py --case per-pixel (peak RSS minus the RSS before the forward,
+    over the pixels) and rounded up.
     """
     element = torch.empty((), dtype=dtype).element_size()
     return ACTIVATION_COPIES * (config.orsnet_width + config.n_feat) * max(element, 4)

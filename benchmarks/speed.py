@@ -1,0 +1,183 @@
+"""Speed and peak memory of MPRNet on this machine: the published recipe against ours.
+
+Variants, each timed in a fresh process (peak RSS is a high-water mark), interleaved
+round by round because shared machines drift:
+
+- published: what the authors' demo does: fp32, NCHW, `torch.no_grad`, the whole image
+  reflect-padded to a multiple of 8 (on our network, which runs the four stage-1 and
+  two stage-2 patches as one batch; the arithmetic is the same);
+- default: `mprnet`'s default path (`--precision auto`, `--tile auto`): bf16 where the
+  CPU has native bf16, channels-last, `torch.inference_mode`, tiles when the image is
+  larger than the CPU tile cap;
+- fp32: the same path in `--precision fp32`, the exact reference;
+- onnxruntime: the published recipe exported to ONNX and run by ONNX Runtime (fp32),
+  only when the `onnxruntime` package is installed (not a dependency of the tool).
+
+Seeded random weights: speed does not depend on their values. GFLOP/s counts the
+network's FLOPs for the image itself (torch's FLOP counter, 2 per multiply-add), not the
+extra work of tile overlaps, so tiling overhead shows as a lower rate.
+
+    python benchmarks/speed.py                                   # derain and deblur, 256 and 512
+    python benchmarks/speed.py --tasks derain --sizes 1920x1080 --variants default fp32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+
+#: TFLOP per megapixel, measured with torch's FLOP counter on 256x256 (shared/reference).
+TFLOP_PER_MEGAPIXEL = {"deblur": 23.2, "derain": 4.3, "denoise": 17.5}
+VARIANTS = ("published", "default", "fp32", "onnxruntime")
+
+
+def _size(text: str) -> tuple[int, int]:
+    width, _, height = text.partition("x")
+    return (int(height or width), int(width))
+
+
+def _image(height: int, width: int):  # noqa: ANN202 - numpy is imported in the worker only
+    import numpy as np
+
+    return np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def _published(model, image):  # noqa: ANN001, ANN202
+    import torch
+
+    from mprnet_cli.model.restorer import array_to_tensor, pad_to_multiple
+
+    model = model.float().eval()
+    height, width = image.shape[:2]
+
+    def run() -> None:
+        with torch.no_grad():
+            model(pad_to_multiple(array_to_tensor(image)))[0][..., :height, :width].clamp(0, 1)
+
+    return run
+
+
+def _ours(model, image, precision: str):  # noqa: ANN001, ANN202
+    from mprnet_cli.model.restorer import Restorer
+
+    restorer = Restorer(model, device="cpu", precision=precision)
+    return lambda: restorer.restore(image)
+
+
+def _onnxruntime(model, image):  # noqa: ANN001, ANN202
+    import io
+
+    import onnxruntime
+    import torch
+
+    from mprnet_cli.model.restorer import array_to_tensor, pad_to_multiple
+
+    padded = pad_to_multiple(array_to_tensor(image))
+    buffer = io.BytesIO()
+    torch.onnx.export(model.float().eval(), (padded,), buffer, input_names=["image"], dynamo=False)
+    session = onnxruntime.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    feed = {"image": padded.numpy()}
+    return lambda: session.run(None, feed)
+
+
+def run_worker(task: str, size: str, variant: str, repeats: int) -> dict[str, object]:
+    import torch
+
+    from mprnet_cli.model.config import TASK_CONFIGS
+    from mprnet_cli.model.network import MPRNet
+
+    torch.manual_seed(0)
+    model = MPRNet(TASK_CONFIGS[task])
+    height, width = _size(size)
+    image = _image(height, width)
+    if variant == "published":
+        run = _published(model, image)
+    elif variant == "onnxruntime":
+        run = _onnxruntime(model, image)
+    else:
+        run = _ours(model, image, "auto" if variant == "default" else "fp32")
+    started = time.perf_counter()
+    run()  # warm-up: oneDNN builds its kernels on the first call of each shape
+    first = time.perf_counter() - started
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        seconds.append(time.perf_counter() - started)
+    return {"first": first, "seconds": seconds, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def _available(variant: str) -> bool:
+    if variant != "onnxruntime":
+        return True
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", default=["derain", "deblur"], choices=sorted(TFLOP_PER_MEGAPIXEL))
+    parser.add_argument("--sizes", nargs="+", default=["256", "512"], help="N or WIDTHxHEIGHT")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (each a fresh process per variant)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per process, after one warm-up")
+    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    arguments = parser.parse_args()
+    if arguments.worker:
+        task, size, variant, repeats = arguments.worker
+        print(json.dumps(run_worker(task, size, variant, int(repeats))))
+        return
+
+    import torch
+
+    variants = [v for v in arguments.variants if _available(v)]
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+          f"{_cpu_name()}; rounds {arguments.rounds}, repeats {arguments.repeats}", flush=True)
+    results: dict[tuple[str, str, str], list[dict[str, object]]] = defaultdict(list)
+    for _ in range(arguments.rounds):
+        for task in arguments.tasks:
+            for size in arguments.sizes:
+                for variant in variants:
+                    command = [sys.executable, __file__, "--worker", task, size, variant, str(arguments.repeats)]
+                    finished = subprocess.run(command, capture_output=True, text=True, check=False)
+                    if finished.returncode != 0:
+                        raise SystemExit(f"{task} {size} {variant} failed:\n{finished.stderr[-2000:]}")
+                    results[task, size, variant].append(json.loads(finished.stdout))
+
+    print("| task | size | variant | seconds | MP/s | GFLOP/s | vs published | peak RSS | first run |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    for task in arguments.tasks:
+        for size in arguments.sizes:
+            height, width = _size(size)
+            megapixels = height * width / 1e6
+            medians = {v: statistics.median(s for r in results[task, size, v] for s in r["seconds"]) for v in variants}
+            for variant in variants:
+                runs = results[task, size, variant]
+                seconds = medians[variant]
+                ratio = f"{medians['published'] / seconds:.2f}x" if "published" in medians else "-"
+                peak = max(r["peak_rss"] for r in runs) / 1024**3
+                print(f"| {task} | {width}x{height} | {variant} | {seconds:.2f} | {megapixels / seconds:.3f} | "
+                      f"{TFLOP_PER_MEGAPIXEL[task] * megapixels / seconds * 1000:.0f} | {ratio} | {peak:.2f} GB | "
+                      f"{statistics.median(r['first'] for r in runs):.2f} s |")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown CPU"
+
+
+if __name__ == "__main__":
+    main()
