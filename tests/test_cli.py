@@ -220,3 +220,20 @@ def test_real_executable_help_is_fast_and_has_examples() -> None:
 def test_module_entry_point(photo: Path) -> None:
     finished = _run([sys.executable, "-m", "mprnet_cli", "--version"])
     assert finished.returncode == 0 and finished.stdout.startswith(b"mprnet ")
+
+
+def test_tile_progress_bar_only_on_a_terminal_and_never_when_quiet(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rich.console import Console
+
+    from mprnet_cli.cli import _Report
+
+    assert _Report(total=1, quiet=False).bar is None  # stderr is not a terminal under pytest
+    monkeypatch.setattr(Console, "is_terminal", property(lambda self: True))
+    assert _Report(total=1, quiet=True).bar is None
+    report = _Report(total=1, quiet=False)
+    report.tile_progress(1, 1)  # one tile: no bar for it
+    assert report.tiles is None
+    report.tile_progress(2, 6)
+    task = report.bar.tasks[-1]
+    assert (task.completed, task.total) == (2, 6) and task.fields["rate"].endswith("tiles/s")
+    report.close(skipped=0, interrupted=False)

@@ -97,6 +97,9 @@ class Restorer:
     `restore` takes and returns numpy arrays (HxW, HxWx1, HxWx2, HxWx3 or HxWx4; uint8,
     uint16 or float in [0, 1]) or PIL images, keeping dtype, mode and alpha.
 
+    `precision` defaults to fp32, the exact reference; "auto" picks bf16 where the hardware
+    computes it natively (the command line's default).
+
     Tiling: `tile=None` (auto) runs the whole image when it fits the device's memory and
     tiles it otherwise; `0` always runs the whole image (the exact published recipe); `N`
     cuts N x N tiles overlapping by `tile_overlap` pixels, blended as `tile_blend` says
@@ -121,6 +124,8 @@ class Restorer:
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.dtype = resolve_precision(precision, self.device)
         self.model = model.eval().to(device=self.device, dtype=self.dtype, memory_format=torch.channels_last)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # tiles repeat one shape: pick the fastest kernels once
         self.tile, self.tile_overlap, self.tile_blend, self.tile_batch = tile, tile_overlap, tile_blend, tile_batch
         self._bytes_per_pixel: float | None = None
 
@@ -170,8 +175,10 @@ class Restorer:
             try:
                 restored = self.restore_tensor(cut(0, 0, height, width))
             except RuntimeError as error:
-                if self.tile is not None or not is_out_of_memory(error):
-                    raise _out_of_memory(error, "the whole image") if is_out_of_memory(error) else error
+                if not is_out_of_memory(error):
+                    raise
+                if self.tile is not None:  # the user asked for the whole image: say so, do not tile
+                    raise _out_of_memory(error, "the whole image") from None
                 _release_cached_memory(self.device)
                 shape = _halve((_round_up(height), _round_up(width)), error, "the whole image")
         if shape is not None:
