@@ -215,3 +215,24 @@ def test_auto_tiles_per_batch_on_cuda_fill_the_free_memory(monkeypatch: pytest.M
 def test_bad_tile_options_are_refused(options: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Restorer(_identity_model(), device="cpu", **options)  # type: ignore[arg-type]
+
+
+def test_bf16_stays_within_45_db_of_fp32_on_a_trained_model() -> None:
+    from .trained_model import CHECKPOINT, noisy_photo, psnr
+
+    _, noisy = noisy_photo(256, 320)
+    exact = Restorer.from_checkpoint(CHECKPOINT, device="cpu", precision="fp32", tile=0).restore(noisy)
+    fast = Restorer.from_checkpoint(CHECKPOINT, device="cpu", precision="bf16", tile=0)
+    assert fast.dtype == torch.bfloat16
+    assert psnr(fast.restore(noisy), exact) >= 45.0
+
+
+def test_bf16_channel_means_match_fp32() -> None:
+    from mprnet_cli.model.network import _spatial_mean
+
+    x = torch.rand(2, 5, 24, 40)
+    expected = x.mean(dim=(2, 3), keepdim=True)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        fast = _spatial_mean(x.to(torch.bfloat16).contiguous(memory_format=layout))
+        assert fast.shape == (2, 5, 1, 1) and fast.dtype == torch.bfloat16
+        torch.testing.assert_close(fast.float(), expected, atol=4e-3, rtol=0)

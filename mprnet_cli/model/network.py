@@ -46,7 +46,22 @@ class ChannelAttention(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * self.conv_du(x.mean(dim=(2, 3), keepdim=True))
+        return x * self.conv_du(_spatial_mean(x))
+
+
+def _spatial_mean(x: Tensor) -> Tensor:
+    """The mean of each channel over the image (BxCx1x1).
+
+    In bf16 the CPU's reduction kernel first copies the whole tensor to fp32 and was 14% of
+    a forward; a matrix product with ones (fp32 accumulation inside) is about 15x faster
+    and as exact (the sum is rounded to bf16 once, as the mean would be).
+    """
+    if x.dtype != torch.bfloat16:
+        return x.mean(dim=(2, 3), keepdim=True)
+    batch, channels, height, width = x.shape
+    pixels = x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)  # a view when channels-last
+    total = torch.bmm(x.new_ones(batch, 1, height * width), pixels)
+    return (total.float() / (height * width)).to(x.dtype).reshape(batch, channels, 1, 1)
 
 
 class ChannelAttentionBlock(nn.Module):
