@@ -220,11 +220,21 @@ class OriginalResolutionSubnet(nn.Module):
         for name in ("conv_enc1", "conv_enc2", "conv_enc3", "conv_dec1", "conv_dec2", "conv_dec3"):
             setattr(self, name, nn.Conv2d(n_feat, width, 1, bias=config.bias))
 
-    def forward(self, x: Tensor, encoded: list[Tensor], decoded: list[Tensor]) -> Tensor:
-        x = self.orb1(x) + self.conv_enc1(encoded[0]) + self.conv_dec1(decoded[0])
-        x = self.orb2(x) + self.conv_enc2(self.up_enc1(encoded[1])) + self.conv_dec2(self.up_dec1(decoded[1]))
-        x = self.orb3(x) + self.conv_enc3(self.up_enc2(encoded[2])) + self.conv_dec3(self.up_dec2(decoded[2]))
+    def forward(self, x: Tensor, encoded: list[Tensor | None], decoded: list[Tensor | None]) -> Tensor:
+        """Empties `encoded` and `decoded` level by level as it goes: each level's U-Net
+        features are folded into one skip tensor and released before the next block runs,
+        which lowers the forward's peak memory."""
+        for level, block in enumerate((self.orb1, self.orb2, self.orb3)):
+            skip = self._skip(level, encoded, decoded)
+            x = block(x) + skip
         return x
+
+    def _skip(self, level: int, encoded: list[Tensor | None], decoded: list[Tensor | None]) -> Tensor:
+        enc, dec = encoded[level], decoded[level]
+        encoded[level] = decoded[level] = None
+        if level:
+            enc, dec = getattr(self, f"up_enc{level}")(enc), getattr(self, f"up_dec{level}")(dec)
+        return getattr(self, f"conv_enc{level + 1}")(enc) + getattr(self, f"conv_dec{level + 1}")(dec)
 
 
 def _shallow_features(config: MPRNetConfig) -> nn.Sequential:
@@ -279,5 +289,5 @@ class MPRNet(nn.Module):
         # Stage 3: full resolution.
         x3 = self.concat23(torch.cat([self.shallow_feat3(image), gated2], dim=1))
         del gated2
-        x3 = self.stage3_orsnet(x3, encoded2, decoded2)
+        x3 = self.stage3_orsnet(x3, encoded2, decoded2)  # releases encoded2 and decoded2 as it goes
         return self.tail(x3) + image, stage2_image, _join(stage1_halves, dim=2)
