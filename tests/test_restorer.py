@@ -192,7 +192,7 @@ def test_auto_tile_shape_follows_the_memory_budget(monkeypatch: pytest.MonkeyPat
     assert restorer.tile_shape_for(200, 300) is None  # fits: the exact whole-image recipe
     assert restorer.tile_shape_for(400, 300) == (400, 168)  # two tiles, each no larger than needed
     monkeypatch.setattr(restorer_module, "memory_budget", lambda device: per_pixel * 4000 * 4000)
-    assert restorer.tile_shape_for(1080, 1920) == (560, 976)  # the CPU latency cap: 4 tiles of 0.55 MP
+    assert restorer.tile_shape_for(1080, 1920) == (384, 664)  # the CPU cap: 9 tiles of 0.25 MP
     assert restorer.tiles_per_batch((560, 976)) == 1
 
 

@@ -61,10 +61,10 @@ Progress = Callable[[int, int], None]
 #: `cut(top, left, height, width)`: a 1x3xhxw float tile of the image being restored.
 TileCutter = Callable[[int, int, int, int], Tensor]
 
-#: On the CPU a tile of this many pixels squared takes about 45 s with the widest
-#: published model in bf16 (and about 1.2 GB): larger images are tiled even when memory
-#: would allow more, so progress keeps moving and memory stays modest.
-CPU_TILE_CAP = 768
+#: On the CPU, at most this many pixels squared per tile. Past it the rate per pixel falls
+#: (derain, bf16: 0.073 MP/s at 512x512, 0.059 at 640x640, 0.052 at 976x560: the
+#: activations outgrow the caches), and a deblur tile already takes about 18 s.
+CPU_TILE_CAP = 512
 #: Most tiles per forward on a GPU; beyond this the device is busy anyway.
 MAX_TILE_BATCH = 16
 #: Head-room over the measured probe peak (allocator fragmentation, cuDNN workspaces).
