@@ -178,6 +178,9 @@ def axis_weights(length: int, starts: list[int], tile: int, margin: int, blend: 
 class Tile:
     """One tile: where it is cut from the image, and the part of it that counts (non-zero weight)."""
 
+    #: Its place in the grid: which row and column of tiles.
+    row: int
+    col: int
     top: int
     left: int
     height: int
@@ -205,7 +208,7 @@ class TileGrid:
         self.row_weights = axis_weights(height, self.row_starts, self.tile_height, margin, blend)
         self.col_weights = axis_weights(width, self.col_starts, self.tile_width, margin, blend)
         self.tiles = [
-            Tile(top, left, self.tile_height, self.tile_width,
+            Tile(i, j, top, left, self.tile_height, self.tile_width,
                  _support(self.row_weights[i, top:top + self.tile_height]),
                  _support(self.col_weights[j, left:left + self.tile_width]))
             for i, top in enumerate(self.row_starts)
@@ -220,10 +223,9 @@ class TileGrid:
 
     def accumulate(self, output: Tensor, tile: Tile, restored: Tensor) -> None:
         """Add a restored tile (Cxhxw, float) into `output` (CxHxW) with its weights."""
-        i, j = self.row_starts.index(tile.top), self.col_starts.index(tile.left)
         rows = slice(tile.top + tile.rows.start, tile.top + tile.rows.stop)
         cols = slice(tile.left + tile.cols.start, tile.left + tile.cols.stop)
-        window = self.row_weights[i, rows, None] * self.col_weights[j, None, cols]
+        window = self.row_weights[tile.row, rows, None] * self.col_weights[tile.col, None, cols]
         output[:, rows, cols] += restored[:, tile.rows, tile.cols] * window
 
 
