@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 from mprnet_cli import Restorer
 from mprnet_cli.tiling import BLENDS, TileGrid

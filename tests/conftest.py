@@ -6,7 +6,9 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 DATA = Path(__file__).parent / "data"
 PARITY = DATA / "parity"
@@ -45,3 +47,15 @@ def restored_logger() -> Iterator[None]:
     handlers, level, propagate = logger.handlers[:], logger.level, logger.propagate
     yield
     logger.handlers[:], logger.level, logger.propagate = handlers, level, propagate
+
+
+def write_image(path: Path, width: int = 12, height: int = 10, fmt: str | None = None, *, noise: bool = False) -> Path:
+    """Save a small RGB image at `path` (folders made as needed): flat grey, or with
+    `noise` pixels seeded by the path, so that every file differs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if noise:
+        pixels = np.random.default_rng(len(str(path))).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    else:
+        pixels = np.full((height, width, 3), 90, dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format=fmt)
+    return path

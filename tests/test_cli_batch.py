@@ -9,25 +9,21 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
 from mprnet_cli.cli import app
 
-from .conftest import TINY_CHECKPOINT
+from .conftest import TINY_CHECKPOINT, write_image
 
 runner = CliRunner()
 WEIGHTS = ["--weights", str(TINY_CHECKPOINT), "--device", "cpu"]
 MPRNET = Path(sys.executable).parent / "mprnet"
 
 
-def _image(path: Path, size: int = 24, fmt: str | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = np.random.default_rng(len(str(path))).integers(0, 256, (size, size + 8, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(path, format=fmt)
-    return path
+def _image(path: Path, size: int = 24) -> Path:
+    return write_image(path, size + 8, size, noise=True)
 
 
 @pytest.fixture

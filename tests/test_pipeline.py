@@ -11,25 +11,19 @@ from PIL import Image
 from mprnet_cli.errors import InputError, OutputError
 from mprnet_cli.pipeline import Job, OutputNaming, default_target, normalise_extension, plan_jobs, run_jobs
 
-from .conftest import PARITY
-
-
-def _image(path: Path, size: tuple[int, int] = (12, 10), fmt: str | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.full((size[1], size[0], 3), 90, dtype=np.uint8)).save(path, format=fmt)
-    return path
+from .conftest import PARITY, write_image
 
 
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
     """in/a.png, in/b.jpg, in/sub/c.webp, in/sub/deeper/d.tif, hidden and non-image files."""
     root = tmp_path / "in"
-    _image(root / "a.png")
-    _image(root / "b.jpg")
-    _image(root / "sub" / "c.webp")
-    _image(root / "sub" / "deeper" / "d.tif")
-    _image(root / "no_extension", fmt="PNG")
-    _image(root / ".hidden.png")
+    write_image(root / "a.png")
+    write_image(root / "b.jpg")
+    write_image(root / "sub" / "c.webp")
+    write_image(root / "sub" / "deeper" / "d.tif")
+    write_image(root / "no_extension", fmt="PNG")
+    write_image(root / ".hidden.png")
     (root / "notes.txt").write_text("not an image")
     return root
 
@@ -48,7 +42,7 @@ def test_default_target(source: str, task: str, expected: str) -> None:
 
 
 def test_single_file(tmp_path: Path) -> None:
-    photo = _image(tmp_path / "photo.jpg")
+    photo = write_image(tmp_path / "photo.jpg")
     assert plan_jobs([str(photo)], OutputNaming("deblur")).jobs == [Job(str(photo), str(tmp_path / "photo_deblurred.jpg"))]
     assert plan_jobs([str(photo)], OutputNaming("deblur", output="-")).jobs == [Job(str(photo), "-")]
     assert plan_jobs(["-"], OutputNaming("deblur")).jobs == [Job("-", "-")]
@@ -89,8 +83,8 @@ def test_without_output_results_go_beside_inputs(tree: Path) -> None:
 
 
 def test_name_collisions_are_refused_before_any_work(tmp_path: Path) -> None:
-    _image(tmp_path / "in" / "x.png")
-    _image(tmp_path / "in" / "x.jpg")
+    write_image(tmp_path / "in" / "x.png")
+    write_image(tmp_path / "in" / "x.jpg")
     with pytest.raises(OutputError) as error:
         plan_jobs([str(tmp_path / "in")], OutputNaming("deblur", output=str(tmp_path / "out"), extension=".png"))
     assert error.value.message == (
@@ -101,7 +95,7 @@ def test_name_collisions_are_refused_before_any_work(tmp_path: Path) -> None:
 
 def test_existing_outputs_are_skipped_unless_overwrite(tree: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    _image(out / "a.png")
+    write_image(out / "a.png")
     plan = plan_jobs([str(tree)], OutputNaming("deblur", output=str(out)))
     assert [Path(j.source).name for j in plan.jobs] == ["b.jpg", "no_extension"]
     assert (str(tree / "a.png"), f"{out / 'a.png'} exists (use --overwrite to redo it)") in plan.skipped
@@ -125,14 +119,14 @@ def test_refusals(inputs: list[str], naming: OutputNaming, error: type[Exception
 def test_batch_refusals(tree: Path, tmp_path: Path) -> None:
     with pytest.raises(OutputError, match="-o - writes one image to standard output"):
         plan_jobs([str(tree)], OutputNaming("deblur", output="-"))
-    a_file = _image(tmp_path / "file.png")
+    a_file = write_image(tmp_path / "file.png")
     with pytest.raises(OutputError, match="is a file; with several inputs or a directory, -o must be a directory"):
         plan_jobs([str(tree)], OutputNaming("deblur", output=str(a_file)))
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(InputError, match="no images found in"):
         plan_jobs([str(empty)], OutputNaming("deblur"))
-    photo = _image(tmp_path / "p.png")
+    photo = write_image(tmp_path / "p.png")
     with pytest.raises(OutputError, match="refusing to overwrite the input"):
         plan_jobs([str(photo)], OutputNaming("deblur", suffix=""))
 
@@ -151,7 +145,7 @@ class _Doubler:
 
 
 def test_run_jobs_reports_each_job_and_goes_on_after_failures(tmp_path: Path) -> None:
-    good = [_image(tmp_path / f"{i}.png") for i in range(3)]
+    good = [write_image(tmp_path / f"{i}.png") for i in range(3)]
     empty = tmp_path / "empty.png"
     empty.write_bytes(b"")
     corrupt = tmp_path / "corrupt.png"
@@ -175,7 +169,7 @@ def test_run_jobs_reports_each_job_and_goes_on_after_failures(tmp_path: Path) ->
 
 
 def test_stopping_early_writes_what_was_restored_and_leaves_no_partial_file(tmp_path: Path) -> None:
-    sources = [_image(tmp_path / "in" / f"{i}.png") for i in range(6)]
+    sources = [write_image(tmp_path / "in" / f"{i}.png") for i in range(6)]
     out = tmp_path / "out"
     outcomes = run_jobs(_Doubler(), [Job(str(s), str(out / s.name)) for s in sources])  # type: ignore[arg-type]
     first = next(outcomes)
@@ -188,7 +182,7 @@ def test_stopping_early_writes_what_was_restored_and_leaves_no_partial_file(tmp_
 
 
 def test_unwritable_output_directory_fails_each_job(tmp_path: Path) -> None:
-    source = _image(tmp_path / "a.png")
+    source = write_image(tmp_path / "a.png")
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where a directory should be")
     [outcome] = run_jobs(_Doubler(), [Job(str(source), str(blocker / "sub" / "a.png"))])  # type: ignore[arg-type]
@@ -197,6 +191,6 @@ def test_unwritable_output_directory_fails_each_job(tmp_path: Path) -> None:
 
 
 def test_image_over_the_pixel_limit_fails_that_job(tmp_path: Path) -> None:
-    source = _image(tmp_path / "big.png", size=(100, 100))
+    source = write_image(tmp_path / "big.png", 100, 100)
     [outcome] = run_jobs(_Doubler(), [Job(str(source), str(tmp_path / "o.png"))], max_pixels=9999)  # type: ignore[arg-type]
     assert outcome.error is not None and "over the 9,999-pixel limit" in outcome.error.message
