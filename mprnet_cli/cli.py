@@ -157,6 +157,9 @@ def _configure_logging(quiet: bool) -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(logging.ERROR if quiet else logging.INFO)
     logger.propagate = False
+    # The hub client logs every retry of an unreachable server; our one error line says it
+    # all. It reads this when first imported (later, lazily); a user's own setting wins.
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
 
 
 RecursiveOption = Annotated[bool, typer.Option("--recursive", "-r", help="Walk subdirectories of directory inputs.")]
