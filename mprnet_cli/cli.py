@@ -116,7 +116,7 @@ PrecisionOption = Annotated[
 ]
 TileOption = Annotated[
     str, typer.Option("--tile", "-t", help="Tile size in pixels (multiple of 8, >= 32); 0 runs the whole image at once; "
-                      "auto: the whole image when it fits in memory, else the largest tile that does.")
+                      "auto: the whole image when it fits in memory, else the fewest tiles that do (at most 512x512 on the CPU).")
 ]
 TileOverlapOption = Annotated[int, typer.Option("--tile-overlap", min=0, help="Pixels of overlap between tiles.")]
 TileBlendOption = Annotated[

@@ -65,25 +65,26 @@ def plan_tile_shape(height: int, width: int, max_pixels: float, overlap: int) ->
     `max_pixels`), each made just large enough to cover its share, so the overlap adds
     as little compute as possible (1920x1080 in four 560x976 tiles, not six 1024-pixel
     squares)."""
-    if _round_up(height) * _round_up(width) <= max_pixels:
+    if round_up(height) * round_up(width) <= max_pixels:
         return None
     side = max(MIN_TILE, int(math.sqrt(max_pixels)) // 8 * 8)
     # The shorter axis first: when it needs no cut, the other axis gets the pixels it leaves.
     short, long = sorted((height, width))
     short_tile = _share(short, side, overlap)
-    long_tile = _share(long, max(side, int(max_pixels / _round_up(short_tile)) // 8 * 8), overlap)
+    long_tile = _share(long, max(side, int(max_pixels / round_up(short_tile)) // 8 * 8), overlap)
     return (short_tile, long_tile) if height <= width else (long_tile, short_tile)
 
 
 def _share(length: int, side: int, overlap: int) -> int:
     if length <= side:
-        return max(MIN_TILE, _round_up(length))
+        return max(MIN_TILE, round_up(length))
     stride = side - overlap
     count = math.ceil((length - overlap) / stride)
-    return min(side, _round_up(math.ceil((length + (count - 1) * overlap) / count)))
+    return min(side, round_up(math.ceil((length + (count - 1) * overlap) / count)))
 
 
-def _round_up(side: int) -> int:
+def round_up(side: int) -> int:
+    """The next multiple of 8 (the network's size multiple) from `side`."""
     return side + -side % 8
 
 

@@ -181,7 +181,7 @@ def test_whole_image_out_of_memory_falls_back_to_tiles_in_auto_mode() -> None:
     assert network.sizes[0] == (1, 3, 80, 96) and network.sizes[1] == (1, 3, 40, 48)
     exact = Restorer(_identity_model(), device="cpu", tile=0)
     exact.model = _RunsOutOfMemory(exact.model, limit=48 * 48)
-    with pytest.raises(DeviceError, match="out of memory on the device running the whole image"):
+    with pytest.raises(DeviceError, match="out of memory on the device running the whole image; use --tile auto"):
         exact.restore(image)
 
 

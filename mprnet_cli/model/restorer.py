@@ -30,6 +30,7 @@ from mprnet_cli.tiling import (
     check_tile_options,
     max_overlap,
     plan_tile_shape,
+    round_up,
 )
 
 if TYPE_CHECKING:
@@ -163,7 +164,6 @@ class Restorer:
     @torch.inference_mode()
     def restore_array(self, array: np.ndarray, progress: Progress | None = None) -> np.ndarray:
         color, alpha = split_alpha(array)
-        check_pixel_type(color)
         height, width = color.shape[:2]
 
         def cut(top: int, left: int, tile_height: int, tile_width: int) -> Tensor:
@@ -178,9 +178,10 @@ class Restorer:
                 if not is_out_of_memory(error):
                     raise
                 if self.tile is not None:  # the user asked for the whole image: say so, do not tile
-                    raise _out_of_memory(error, "the whole image") from None
+                    raise DeviceError("out of memory on the device running the whole image; "
+                                      "use --tile auto or a tile size such as --tile 512") from None
                 _release_cached_memory(self.device)
-                shape = _halve((_round_up(height), _round_up(width)), error, "the whole image")
+                shape = _halve((round_up(height), round_up(width)), error, "the whole image")
         if shape is not None:
             restored = self._restore_tiles(cut, height, width, shape, self.tile_overlap, progress)
         return join_alpha(tensor_to_array(restored, like=color), alpha)
@@ -251,7 +252,7 @@ class Restorer:
                     batch //= 2
                     logger.warning("out of memory with %d tiles per batch; retrying with %d", len(group), batch)
                     continue
-                smaller = _halve((grid.tile_height, grid.tile_width), error, _describe(grid))
+                smaller = _halve((grid.tile_height, grid.tile_width), error, f"{grid.tile_width}x{grid.tile_height} tiles")
                 restored = self._restore_smaller(cut, group[0], smaller)
             for placed, pixels in zip(group, restored):
                 grid.accumulate(output, placed, pixels)
@@ -280,26 +281,14 @@ class Restorer:
         return Image.fromarray(restored)
 
 
-def _round_up(side: int) -> int:
-    return side + -side % SIZE_MULTIPLE
-
-
-def _describe(grid: TileGrid) -> str:
-    return f"{grid.tile_width}x{grid.tile_height} tiles"
-
-
 def _halve(shape: tuple[int, int], error: BaseException, what: str) -> tuple[int, int]:
     """Half of each side, as a multiple of 8 and no less than `MIN_TILE`; an error when
     neither side can shrink any more."""
     smaller = tuple(max(MIN_TILE, side // 2 // SIZE_MULTIPLE * SIZE_MULTIPLE) for side in shape)
     if smaller == tuple(shape):
-        raise _out_of_memory(error, what) from None
+        raise DeviceError(f"out of memory on the device running {what} (smallest tile is {MIN_TILE} pixels); "
+                          "free device memory, use --precision bf16, or --device cpu") from error
     return smaller  # type: ignore[return-value]
-
-
-def _out_of_memory(error: BaseException, what: str) -> DeviceError:
-    return DeviceError(f"out of memory on the device running {what} (smallest tile is {MIN_TILE} pixels); "
-                       "free device memory, use --precision bf16, or --device cpu")
 
 
 def _release_cached_memory(device: torch.device) -> None:
@@ -329,15 +318,11 @@ def join_alpha(color: np.ndarray, alpha: np.ndarray | None) -> np.ndarray:
     return np.concatenate([color, alpha[..., None]], axis=-1)
 
 
-def check_pixel_type(color: np.ndarray) -> None:
-    if color.dtype not in _INTEGER_SCALE and not np.issubdtype(color.dtype, np.floating):
-        raise ValueError(f"expected uint8, uint16 or float pixels, got {color.dtype}")
-
-
 def array_to_tensor(color: np.ndarray) -> Tensor:
     """HxW (gray, repeated to RGB) or HxWx3 pixels to a 1x3xHxW float tensor in [0, 1]."""
-    check_pixel_type(color)
     scale = _INTEGER_SCALE.get(color.dtype)
+    if scale is None and not np.issubdtype(color.dtype, np.floating):
+        raise ValueError(f"expected uint8, uint16 or float pixels, got {color.dtype}")
     tensor = torch.from_numpy(np.array(color, dtype=np.float32))  # a writable float copy
     if scale is not None:
         tensor /= scale
