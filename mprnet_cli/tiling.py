@@ -6,16 +6,20 @@ the network cuts its input into 4 and 2 patches. Every blend here is one rule ap
 axis: place tiles so that each pixel lies at least `margin` pixels from the bad lines of
 some tile, then weight each tile's pixels by their distance to its bad lines.
 
-- `feather` (the default): a raised-cosine cross-fade across each overlap.
+- `feather` (the default): a raised-cosine fade towards every bad line, so tiles
+  cross-fade across each overlap, and where a neighbour happens to cover a tile's centre
+  line (the last tile, shifted back, always does) the neighbour's pixels are taken there.
 - `core`: each pixel comes from the tile where it is farthest from an edge (Real-ESRGAN's
   "context, then keep the core"): a hard cut in the middle of every overlap.
-- `split`: feather, with the centre lines counted as bad lines too, so the model's own
-  patch seams are blended away; the tiles are denser, so it costs more compute.
+- `split`: the feather weights, with tiles placed densely enough that every pixel is far
+  from the centre lines of some tile, so the model's own patch seams are blended away
+  everywhere; it costs more compute.
 
 Measured on the small trained denoiser (768x1024, tiles of 256 overlapping by 32, PSNR
 against the whole-image run; benchmarks/tiling_quality.py): core 47.6 dB, feather
-49.1 dB, split 54.9 dB at 1.75x the tiles of the other two. What feather and core leave
-sits on each tile's centre lines, the model's own seams.
+49.7 dB, split 54.9 dB at 1.75x the tiles of the other two. What feather and core leave
+sits on each tile's centre lines, the model's own seams; what split leaves sits on the
+whole image's centre lines, where the whole-image run has those seams itself.
 
 Weights are separable and normalised per axis, so the 2-D weights of all tiles add up to
 exactly one at every pixel: no weight buffer the size of the image is needed, and the
@@ -88,12 +92,12 @@ def round_up(side: int) -> int:
     return side + -side % 8
 
 
-def _bad_lines(start: int, tile: int, length: int, split: bool) -> list[int]:
-    """A tile's edges that lie inside the image, and with `split` its centre line."""
+def _bad_lines(start: int, tile: int, length: int, centre: bool) -> list[int]:
+    """A tile's edges that lie inside the image, and with `centre` its centre line."""
     lines = [start] if start > 0 else []
     if start + tile < length:
         lines.append(start + tile)
-    if split:
+    if centre:
         lines.append(start + tile // 2)
     return lines
 
@@ -157,13 +161,13 @@ def place_tiles(length: int, tile: int, margin: int, split: bool = False) -> lis
 
 def axis_weights(length: int, starts: list[int], tile: int, margin: int, blend: str) -> Tensor:
     """One row per tile: the weight of each of its pixels (zero outside it), columns summing to one."""
-    split = blend == "split"
+    centre = blend != "core"
     positions = torch.arange(length, dtype=torch.float64) + 0.5  # pixel centres
     distance = torch.full((len(starts), length), -1.0, dtype=torch.float64)  # -1: outside the tile
     for row, start in enumerate(starts):
         inside = slice(start, start + tile)
         nearest = torch.full((min(tile, length),), math.inf, dtype=torch.float64)
-        for line in _bad_lines(start, tile, length, split):
+        for line in _bad_lines(start, tile, length, centre):
             nearest = torch.minimum(nearest, (positions[inside] - line).abs())
         distance[row, inside] = nearest
     if blend == "core":

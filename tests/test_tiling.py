@@ -17,7 +17,7 @@ from mprnet_cli.tiling import (
     plan_tile_shape,
 )
 
-from .trained_model import CHECKPOINT, noisy_photo, psnr
+from .trained_model import CHECKPOINT, noisy_photo, outside_centre_lines, psnr
 
 
 def test_plain_layout_strides_by_tile_minus_overlap_and_shifts_the_last_tile_back() -> None:
@@ -102,6 +102,17 @@ def test_feather_blend_cross_fades_smoothly_across_the_overlap() -> None:
     assert (fade_in.diff() > 0).all()
 
 
+def test_feather_takes_a_tiles_centre_line_from_a_neighbour_that_covers_it() -> None:
+    # The second tile is shifted back over the first: each covers the other's centre line,
+    # where the model cuts its input, far from its own bad lines.
+    grid = TileGrid(64, 300, 256, 32, "feather")
+    assert grid.col_starts == [0, 44]
+    weights = grid.col_weights
+    assert weights[1, 128] > 0.99 and weights[0, 44 + 128] > 0.99
+    # Where no other tile covers it, the centre line stays with its own tile.
+    assert TileGrid(64, 480, 256, 32, "feather").col_weights[0, 128] == 1.0
+
+
 @pytest.mark.parametrize(
     ("tile", "overlap", "blend", "message"),
     [
@@ -170,23 +181,12 @@ def tiled_256(photo: tuple[np.ndarray, np.ndarray], denoiser: Restorer) -> np.nd
     return _tiled(denoiser, photo[1], 256)
 
 
-def _outside_centre_lines(image: np.ndarray) -> np.ndarray:
-    """The pixels away from the image's own centre lines, where the whole-image run has the
-    model's patch seams; no tiling reproduces those, nor should it."""
-    height, width = image.shape[:2]
-    keep = np.ones((height, width), dtype=bool)
-    keep[height // 2 - 6:height // 2 + 6, :] = False
-    keep[:, width // 2 - 6:width // 2 + 6] = False
-    return image[keep]
-
-
 def test_default_tiling_is_close_to_the_whole_image_and_as_good_against_the_truth(
     photo: tuple[np.ndarray, np.ndarray], whole: np.ndarray, tiled_256: np.ndarray
 ) -> None:
     clean, _ = photo
-    assert psnr(tiled_256, whole) >= 49.0  # measured 49.05 dB
-    # The issue asks for 0.05 dB; the default blend measures 0.06 dB below the whole image.
-    assert abs(psnr(tiled_256, clean) - psnr(whole, clean)) <= 0.07
+    assert psnr(tiled_256, whole) >= 49.0  # measured 49.66 dB
+    assert abs(psnr(tiled_256, clean) - psnr(whole, clean)) <= 0.05  # measured 0.042 dB below
 
 
 def test_split_aware_blend_hides_the_models_own_patch_seams(
@@ -194,9 +194,11 @@ def test_split_aware_blend_hides_the_models_own_patch_seams(
 ) -> None:
     clean, noisy = photo
     split = _tiled(denoiser, noisy, 256, "split")
-    assert psnr(split, whole) >= 54.5  # measured 54.93 dB over the whole frame
-    assert psnr(_outside_centre_lines(split), _outside_centre_lines(whole)) >= 55.0  # measured 56.4 dB
-    assert abs(psnr(split, clean) - psnr(whole, clean)) <= 0.05
+    # Over the whole frame 54.93 dB: nearly all of the difference is the whole-image run's
+    # own patch seams on the image's centre lines, which the split blend removes.
+    assert psnr(split, whole) >= 54.5
+    assert psnr(outside_centre_lines(split), outside_centre_lines(whole)) >= 55.0  # measured 77.8 dB
+    assert psnr(split, clean) >= psnr(whole, clean)  # measured 0.032 dB better
 
 
 def test_no_seam_where_tiles_meet(photo: tuple[np.ndarray, np.ndarray], whole: np.ndarray,
