@@ -4,14 +4,20 @@ Variants, each timed in a fresh process (peak RSS is a high-water mark), interle
 round by round because shared machines drift:
 
 - published: what the authors' demo does: fp32, NCHW, `torch.no_grad`, the whole image
-  reflect-padded to a multiple of 8 (on our network, which runs the four stage-1 and
-  two stage-2 patches as one batch; the arithmetic is the same);
+  reflect-padded to a multiple of 8, through the authors' forward step for step (each
+  patch through its stage separately, features concatenated into new tensors, every
+  intermediate held to the end), run on our modules: their memory and call pattern;
 - default: `mprnet`'s default path (`--precision auto`, `--tile auto`): bf16 where the
   CPU has native bf16, channels-last, `torch.inference_mode`, tiles when the image is
   larger than the CPU tile cap;
 - fp32: the same path in `--precision fp32`, the exact reference;
-- onnxruntime: the published recipe exported to ONNX and run by ONNX Runtime (fp32),
-  only when the `onnxruntime` package is installed (not a dependency of the tool).
+- onnxruntime: the network exported to ONNX and run by ONNX Runtime (fp32), only when
+  the `onnxruntime` package is installed (not a dependency of the tool);
+- openvino: the network converted by OpenVINO and compiled for its CPU plugin in bf16
+  (`INFERENCE_PRECISION_HINT`), only when the `openvino` package is installed.
+
+Memory: peak RSS of the whole process, and the forward's share of it per megapixel (peak
+minus the RSS before the first forward: the model and imports excluded).
 
 Seeded random weights: speed does not depend on their values. GFLOP/s counts the
 network's FLOPs for the image itself (torch's FLOP counter, 2 per multiply-add), not the
@@ -24,6 +30,7 @@ extra work of tile overlaps, so tiling overhead shows as a lower rate.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import platform
 import resource
@@ -35,7 +42,7 @@ from collections import defaultdict
 
 #: TFLOP per megapixel, measured with torch's FLOP counter on 256x256 (shared/reference).
 TFLOP_PER_MEGAPIXEL = {"deblur": 23.2, "derain": 4.3, "denoise": 17.5}
-VARIANTS = ("published", "default", "fp32", "onnxruntime")
+VARIANTS = ("published", "default", "fp32", "onnxruntime", "openvino")
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -59,9 +66,35 @@ def _published(model, image):  # noqa: ANN001, ANN202
 
     def run() -> None:
         with torch.no_grad():
-            model(pad_to_multiple(array_to_tensor(image)))[0][..., :height, :width].clamp(0, 1)
+            _authors_forward(model, pad_to_multiple(array_to_tensor(image)))[0][..., :height, :width].clamp(0, 1)
 
     return run
+
+
+def _authors_forward(model, image):  # noqa: ANN001, ANN202, PLR0914 - one function, as theirs, so nothing is freed early
+    """The authors' MPRNet.forward, step for step, on our modules."""
+    import torch
+
+    height, width = image.shape[-2:]
+    top, bottom = image[..., : height // 2, :], image[..., height // 2 :, :]
+    quarters = [top[..., : width // 2], top[..., width // 2 :], bottom[..., : width // 2], bottom[..., width // 2 :]]
+    shallow1 = [model.shallow_feat1(quarter) for quarter in quarters]
+    encoded1 = [model.stage1_encoder(features) for features in shallow1]
+    top1 = [torch.cat(pair, 3) for pair in zip(encoded1[0], encoded1[1])]
+    bottom1 = [torch.cat(pair, 3) for pair in zip(encoded1[2], encoded1[3])]
+    decoded1 = [model.stage1_decoder(top1), model.stage1_decoder(bottom1)]
+    sam1 = [model.sam12(decoded1[0][0], top), model.sam12(decoded1[1][0], bottom)]
+    stage1_image = torch.cat([sam1[0][1], sam1[1][1]], 2)
+    shallow2 = [model.shallow_feat2(top), model.shallow_feat2(bottom)]
+    x2 = [model.concat12(torch.cat([shallow2[half], sam1[half][0]], 1)) for half in range(2)]
+    encoded2 = [model.stage2_encoder(x2[0], top1, decoded1[0]), model.stage2_encoder(x2[1], bottom1, decoded1[1])]
+    joined2 = [torch.cat(pair, 2) for pair in zip(*encoded2)]
+    decoded2 = model.stage2_decoder(joined2)
+    gated2, stage2_image = model.sam23(decoded2[0], image)
+    shallow3 = model.shallow_feat3(image)
+    x3 = model.concat23(torch.cat([shallow3, gated2], 1))
+    x3 = model.stage3_orsnet(x3, list(joined2), list(decoded2))  # copies: ours empties the lists it is given
+    return model.tail(x3) + image, stage2_image, stage1_image
 
 
 def _ours(model, image, precision: str):  # noqa: ANN001, ANN202
@@ -87,6 +120,21 @@ def _onnxruntime(model, image):  # noqa: ANN001, ANN202
     return lambda: session.run(None, feed)
 
 
+def _openvino(model, image):  # noqa: ANN001, ANN202
+    import openvino
+    import torch
+
+    from mprnet_cli.model.restorer import array_to_tensor, pad_to_multiple
+
+    padded = pad_to_multiple(array_to_tensor(image))
+    with torch.no_grad():
+        converted = openvino.convert_model(model.float().eval(), example_input=padded)
+    compiled = openvino.Core().compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": "bf16"})
+    request = compiled.create_infer_request()
+    feed = padded.numpy()
+    return lambda: request.infer([feed])
+
+
 def run_worker(task: str, size: str, variant: str, repeats: int) -> dict[str, object]:
     import torch
 
@@ -101,8 +149,11 @@ def run_worker(task: str, size: str, variant: str, repeats: int) -> dict[str, ob
         run = _published(model, image)
     elif variant == "onnxruntime":
         run = _onnxruntime(model, image)
+    elif variant == "openvino":
+        run = _openvino(model, image)
     else:
         run = _ours(model, image, "auto" if variant == "default" else "fp32")
+    before = _current_rss()
     started = time.perf_counter()
     run()  # warm-up: oneDNN builds its kernels on the first call of each shape
     first = time.perf_counter() - started
@@ -111,14 +162,20 @@ def run_worker(task: str, size: str, variant: str, repeats: int) -> dict[str, ob
         started = time.perf_counter()
         run()
         seconds.append(time.perf_counter() - started)
-    return {"first": first, "seconds": seconds, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"first": first, "seconds": seconds, "peak_rss": peak, "forward_rss": peak - before}
+
+
+def _current_rss() -> int:
+    with open("/proc/self/statm", encoding="ascii") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
 
 
 def _available(variant: str) -> bool:
-    if variant != "onnxruntime":
+    if variant not in {"onnxruntime", "openvino"}:
         return True
     try:
-        import onnxruntime  # noqa: F401
+        importlib.import_module(variant)
     except ImportError:
         return False
     return True
@@ -154,21 +211,24 @@ def main() -> None:
                         raise SystemExit(f"{task} {size} {variant} failed:\n{finished.stderr[-2000:]}")
                     results[task, size, variant].append(json.loads(finished.stdout))
 
-    print("| task | size | variant | seconds | MP/s | GFLOP/s | vs published | peak RSS | first run |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| task | size | variant | seconds | MP/s | GFLOP/s | vs published | peak RSS | forward GB/MP | vs published "
+          "| first run |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for task in arguments.tasks:
         for size in arguments.sizes:
             height, width = _size(size)
             megapixels = height * width / 1e6
             medians = {v: statistics.median(s for r in results[task, size, v] for s in r["seconds"]) for v in variants}
+            forward = {v: max(r["forward_rss"] for r in results[task, size, v]) / 1024**3 / megapixels for v in variants}
             for variant in variants:
                 runs = results[task, size, variant]
                 seconds = medians[variant]
                 ratio = f"{medians['published'] / seconds:.2f}x" if "published" in medians else "-"
                 peak = max(r["peak_rss"] for r in runs) / 1024**3
+                saved = f"{1 - forward[variant] / forward['published']:.0%} less" if "published" in forward else "-"
                 print(f"| {task} | {width}x{height} | {variant} | {seconds:.2f} | {megapixels / seconds:.3f} | "
                       f"{TFLOP_PER_MEGAPIXEL[task] * megapixels / seconds * 1000:.0f} | {ratio} | {peak:.2f} GB | "
-                      f"{statistics.median(r['first'] for r in runs):.2f} s |")
+                      f"{forward[variant]:.2f} | {saved} | {statistics.median(r['first'] for r in runs):.2f} s |")
 
 
 def _cpu_name() -> str:

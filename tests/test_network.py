@@ -62,6 +62,20 @@ def test_batched_images_are_restored_independently() -> None:
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
 
 
+def test_in_place_inference_gives_the_same_numbers_and_training_still_backpropagates() -> None:
+    torch.manual_seed(0)
+    model = MPRNet(MPRNetConfig(n_feat=8, scale_unetfeats=4, scale_orsnetfeats=4, num_cab=1)).eval()
+    image = torch.rand(1, 3, 32, 48)
+    with torch.inference_mode():
+        in_place = model(image)
+    with torch.no_grad():
+        out_of_place = model(image)
+    for a, b in zip(in_place, out_of_place):
+        assert torch.equal(a, b)
+    model(image)[0].mean().backward()  # no "modified by an inplace operation" error
+    assert all(p.grad is not None for p in model.parameters())
+
+
 def test_sides_that_are_not_multiples_of_eight_are_refused() -> None:
     model = MPRNet(MPRNetConfig(n_feat=8, scale_unetfeats=4, scale_orsnetfeats=4, num_cab=1))
     with pytest.raises(ValueError, match="multiples of 8"):

@@ -23,6 +23,22 @@ def _conv(in_channels: int, out_channels: int, kernel_size: int, bias: bool) -> 
     return nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
 
 
+def _grow(x: Tensor, *terms: Tensor) -> Tensor:
+    """`x + sum(terms)`, written into `x` under `torch.inference_mode`, where no autograd
+    graph can ever need it: one large temporary fewer per call, which lowers the forward's
+    peak memory. `x` must be a fresh result that only the caller holds."""
+    if not torch.is_inference_mode_enabled():
+        return sum(terms, x)
+    for term in terms:
+        x.add_(term)
+    return x
+
+
+def _scale(x: Tensor, gate: Tensor) -> Tensor:
+    """`x * gate`, in place under the same rule as `_grow`."""
+    return x.mul_(gate) if torch.is_inference_mode_enabled() else x * gate
+
+
 def _split(x: Tensor, dim: int) -> Tensor:
     """Cut `x` in two along `dim` and stack the halves on the batch axis (first half first)."""
     return torch.cat(x.chunk(2, dim=dim), dim=0)
@@ -46,7 +62,7 @@ class ChannelAttention(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * self.conv_du(_spatial_mean(x))
+        return _scale(x, self.conv_du(_spatial_mean(x)))
 
 
 def _spatial_mean(x: Tensor) -> Tensor:
@@ -79,7 +95,7 @@ class ChannelAttentionBlock(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.CA(self.body(x)) + x
+        return _grow(self.CA(self.body(x)), x)
 
 
 def _blocks(count: int, channels: int, config: MPRNetConfig) -> nn.Sequential:
@@ -136,7 +152,7 @@ class Encoder(nn.Module):
             return x
         enc_conv = getattr(self, f"csff_enc{level}")
         dec_conv = getattr(self, f"csff_dec{level}")
-        return x + enc_conv(encoded[level - 1]) + dec_conv(decoded[level - 1])
+        return _grow(x, enc_conv(encoded[level - 1]), dec_conv(decoded[level - 1]))
 
     def forward(
         self, x: Tensor, encoded: list[Tensor] | None = None, decoded: list[Tensor] | None = None
@@ -149,7 +165,7 @@ class Encoder(nn.Module):
 
 class SkipUpSample(UpSample):
     def forward(self, x: Tensor, skip: Tensor) -> Tensor:
-        return self.up(x) + skip
+        return _grow(self.up(x), skip)
 
 
 class Decoder(nn.Module):
@@ -184,9 +200,9 @@ class SupervisedAttention(nn.Module):
         self.conv3 = _conv(config.out_c, width, 1, bias)
 
     def forward(self, features: Tensor, degraded: Tensor) -> tuple[Tensor, Tensor]:
-        image = self.conv2(features) + degraded
-        gated = self.conv1(features) * torch.sigmoid(self.conv3(image))
-        return gated + features, image
+        image = _grow(self.conv2(features), degraded)
+        gated = _scale(self.conv1(features), torch.sigmoid(self.conv3(image)))
+        return _grow(gated, features), image
 
 
 class OriginalResolutionBlock(nn.Module):
@@ -200,7 +216,7 @@ class OriginalResolutionBlock(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.body(x) + x
+        return _grow(self.body(x), x)
 
 
 class OriginalResolutionSubnet(nn.Module):
@@ -226,7 +242,7 @@ class OriginalResolutionSubnet(nn.Module):
         which lowers the forward's peak memory."""
         for level, block in enumerate((self.orb1, self.orb2, self.orb3)):
             skip = self._skip(level, encoded, decoded)
-            x = block(x) + skip
+            x = _grow(block(x), skip)
         return x
 
     def _skip(self, level: int, encoded: list[Tensor | None], decoded: list[Tensor | None]) -> Tensor:
@@ -234,7 +250,7 @@ class OriginalResolutionSubnet(nn.Module):
         encoded[level] = decoded[level] = None
         if level:
             enc, dec = getattr(self, f"up_enc{level}")(enc), getattr(self, f"up_dec{level}")(dec)
-        return getattr(self, f"conv_enc{level + 1}")(enc) + getattr(self, f"conv_dec{level + 1}")(dec)
+        return _grow(getattr(self, f"conv_enc{level + 1}")(enc), getattr(self, f"conv_dec{level + 1}")(dec))
 
 
 def _shallow_features(config: MPRNetConfig) -> nn.Sequential:
@@ -290,4 +306,4 @@ class MPRNet(nn.Module):
         x3 = self.concat23(torch.cat([self.shallow_feat3(image), gated2], dim=1))
         del gated2
         x3 = self.stage3_orsnet(x3, encoded2, decoded2)  # releases encoded2 and decoded2 as it goes
-        return self.tail(x3) + image, stage2_image, _join(stage1_halves, dim=2)
+        return _grow(self.tail(x3), image), stage2_image, _join(stage1_halves, dim=2)
