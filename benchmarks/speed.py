@@ -43,6 +43,8 @@ from collections import defaultdict
 #: TFLOP per megapixel, measured with torch's FLOP counter on 256x256 (shared/reference).
 TFLOP_PER_MEGAPIXEL = {"deblur": 23.2, "derain": 4.3, "denoise": 17.5}
 VARIANTS = ("published", "default", "fp32", "onnxruntime", "openvino")
+#: Other runtimes: their peak RSS is that of converting the model, so no forward share is shown.
+PEERS = ("onnxruntime", "openvino")
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -225,10 +227,15 @@ def main() -> None:
                 seconds = medians[variant]
                 ratio = f"{medians['published'] / seconds:.2f}x" if "published" in medians else "-"
                 peak = max(r["peak_rss"] for r in runs) / 1024**3
-                saved = f"{1 - forward[variant] / forward['published']:.0%} less" if "published" in forward else "-"
+                share, saved = f"{forward[variant]:.2f}", "-"
+                if variant in PEERS:
+                    share = "-"
+                elif "published" in forward and variant != "published":
+                    less = 1 - forward[variant] / forward["published"]
+                    saved = f"{less:.0%} less" if less >= 0 else f"{-less:.0%} more"
                 print(f"| {task} | {width}x{height} | {variant} | {seconds:.2f} | {megapixels / seconds:.3f} | "
                       f"{TFLOP_PER_MEGAPIXEL[task] * megapixels / seconds * 1000:.0f} | {ratio} | {peak:.2f} GB | "
-                      f"{forward[variant]:.2f} | {saved} | {statistics.median(r['first'] for r in runs):.2f} s |")
+                      f"{share} | {saved} | {statistics.median(r['first'] for r in runs):.2f} s |")
 
 
 def _cpu_name() -> str:

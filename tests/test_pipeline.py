@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +167,23 @@ def test_run_jobs_reports_each_job_and_goes_on_after_failures(tmp_path: Path) ->
     assert started == [str(p) for p in good]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0.png", "1.png", "2.png"]
     assert (np.asarray(Image.open(tmp_path / "out" / "0.png")) == 45).all()
+
+
+def test_each_image_is_reported_before_the_next_one_is_computed(tmp_path: Path) -> None:
+    events: list[str] = []
+
+    class _Slow:
+        def restore_array(self, array: np.ndarray, progress: object = None) -> np.ndarray:
+            events.append("compute")
+            time.sleep(1.0)  # the writer gets up to 5% of this to deliver the outcome
+            return array
+
+    sources = [write_image(tmp_path / f"{i}.png") for i in range(2)]
+    jobs = [Job(str(s), str(tmp_path / "out" / s.name)) for s in sources]
+    for outcome in run_jobs(_Slow(), jobs, on_start=lambda job: events.append("start")):  # type: ignore[arg-type]
+        assert outcome.ok
+        events.append("done")
+    assert events == ["start", "compute", "done"] * 2
 
 
 def test_stopping_early_writes_what_was_restored_and_leaves_no_partial_file(tmp_path: Path) -> None:
