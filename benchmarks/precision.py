@@ -1,0 +1,43 @@
+"""How far bf16 output lies from the exact fp32 path, for each published width.
+
+Seeded random weights (the published checkpoints cannot be fetched here) on a photo:
+scikit-image's CC0 `astronaut`, cropped. The trained-model guard is a test
+(tests/test_restorer.py); this is the full-width row beside it.
+
+    python benchmarks/precision.py [--size 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+from skimage import data
+
+from mprnet_cli.model.config import TASK_CONFIGS
+from mprnet_cli.model.network import MPRNet
+from mprnet_cli.model.restorer import Restorer
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of float images in [0, 1]."""
+    return float(10 * np.log10(1 / np.mean((a.astype(np.float64) - b) ** 2)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=256)
+    arguments = parser.parse_args()
+    photo = data.astronaut()[: arguments.size, : arguments.size].astype(np.float32) / 255
+    print(f"{'task':<8} {'bf16 vs fp32':>13} {'max abs diff':>13}")
+    for task, config in TASK_CONFIGS.items():
+        torch.manual_seed(0)
+        model = MPRNet(config)
+        exact = Restorer(model, device="cpu", precision="fp32", tile=0).restore(photo)
+        fast = Restorer(model, device="cpu", precision="bf16", tile=0).restore(photo)
+        print(f"{task:<8} {psnr(fast, exact):>10.2f} dB {np.abs(fast - exact).max():>13.4f}")
+
+
+if __name__ == "__main__":
+    main()
