@@ -48,7 +48,7 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _current_rss() -> int:
+def current_rss() -> int:
     with open("/proc/self/statm", encoding="ascii") as statm:
         return int(statm.read().split()[1]) * resource.getpagesize()
 
@@ -69,7 +69,7 @@ def run_one(name: str) -> dict[str, object]:
     rows = np.linspace(0, 255, height, dtype=np.float32)[:, None, None]
     cols = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
     image = ((rows + cols) / 2 + np.zeros(3, dtype=np.float32)).astype(np.uint8)
-    ready = _current_rss()
+    ready = current_rss()
     started = time.perf_counter()
     restored = restorer.restore(image)
     seconds = time.perf_counter() - started

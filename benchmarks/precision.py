@@ -10,6 +10,8 @@ scikit-image's CC0 `astronaut`, cropped. The trained-model guard is a test
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,10 +21,8 @@ from mprnet_cli.model.config import TASK_CONFIGS
 from mprnet_cli.model.network import MPRNet
 from mprnet_cli.model.restorer import Restorer
 
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB of float images in [0, 1]."""
-    return float(10 * np.log10(1 / np.mean((a.astype(np.float64) - b) ** 2)))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.trained_model import psnr  # noqa: E402 - needs the repository on the path
 
 
 def main() -> None:

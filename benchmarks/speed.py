@@ -40,6 +40,8 @@ import sys
 import time
 from collections import defaultdict
 
+from memory import current_rss  # benchmarks/ is on the path when a script here runs
+
 #: TFLOP per megapixel, measured with torch's FLOP counter on 256x256 (shared/reference).
 TFLOP_PER_MEGAPIXEL = {"deblur": 23.2, "derain": 4.3, "denoise": 17.5}
 VARIANTS = ("published", "default", "fp32", "onnxruntime", "openvino")
@@ -155,7 +157,7 @@ def run_worker(task: str, size: str, variant: str, repeats: int) -> dict[str, ob
         run = _openvino(model, image)
     else:
         run = _ours(model, image, "auto" if variant == "default" else "fp32")
-    before = _current_rss()
+    before = current_rss()
     started = time.perf_counter()
     run()  # warm-up: oneDNN builds its kernels on the first call of each shape
     first = time.perf_counter() - started
@@ -167,10 +169,6 @@ def run_worker(task: str, size: str, variant: str, repeats: int) -> dict[str, ob
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"first": first, "seconds": seconds, "peak_rss": peak, "forward_rss": peak - before}
 
-
-def _current_rss() -> int:
-    with open("/proc/self/statm", encoding="ascii") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize()
 
 
 def _available(variant: str) -> bool:
