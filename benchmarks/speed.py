@@ -60,17 +60,22 @@ def _image(height: int, width: int):  # noqa: ANN202 - numpy is imported in the 
     return np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
+def _padded(image):  # noqa: ANN001, ANN202
+    """The image as the authors' demo feeds it: a float NCHW tensor reflect-padded to a multiple of 8."""
+    from mprnet_cli.model.restorer import array_to_tensor, pad_to_multiple
+
+    return pad_to_multiple(array_to_tensor(image))
+
+
 def _published(model, image):  # noqa: ANN001, ANN202
     import torch
-
-    from mprnet_cli.model.restorer import array_to_tensor, pad_to_multiple
 
     model = model.float().eval()
     height, width = image.shape[:2]
 
     def run() -> None:
         with torch.no_grad():
-            _authors_forward(model, pad_to_multiple(array_to_tensor(image)))[0][..., :height, :width].clamp(0, 1)
+            _authors_forward(model, _padded(image))[0][..., :height, :width].clamp(0, 1)
 
     return run
 
@@ -114,9 +119,7 @@ def _onnxruntime(model, image):  # noqa: ANN001, ANN202
     import onnxruntime
     import torch
 
-    from mprnet_cli.model.restorer import array_to_tensor, pad_to_multiple
-
-    padded = pad_to_multiple(array_to_tensor(image))
+    padded = _padded(image)
     buffer = io.BytesIO()
     torch.onnx.export(model.float().eval(), (padded,), buffer, input_names=["image"], dynamo=False)
     session = onnxruntime.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
@@ -128,9 +131,7 @@ def _openvino(model, image):  # noqa: ANN001, ANN202
     import openvino
     import torch
 
-    from mprnet_cli.model.restorer import array_to_tensor, pad_to_multiple
-
-    padded = pad_to_multiple(array_to_tensor(image))
+    padded = _padded(image)
     with torch.no_grad():
         converted = openvino.convert_model(model.float().eval(), example_input=padded)
     compiled = openvino.Core().compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": "bf16"})
@@ -170,9 +171,8 @@ def run_worker(task: str, size: str, variant: str, repeats: int) -> dict[str, ob
     return {"first": first, "seconds": seconds, "peak_rss": peak, "forward_rss": peak - before}
 
 
-
 def _available(variant: str) -> bool:
-    if variant not in {"onnxruntime", "openvino"}:
+    if variant not in PEERS:
         return True
     try:
         importlib.import_module(variant)

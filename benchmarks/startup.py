@@ -21,6 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+from PIL import Image
+
+from mprnet_cli.model.config import TASK_CONFIGS
+from mprnet_cli.model.network import MPRNet
+
 #: Runs in the child: timestamps (seconds since its launch) of each step up to the first tile.
 FIRST_TILE = """
 import json, sys, time
@@ -66,17 +73,9 @@ def _first_tile(task: str, weights: Path, image: Path) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", default="derain", choices=["deblur", "derain", "denoise"])
+    parser.add_argument("--task", default="derain", choices=sorted(TASK_CONFIGS))
     parser.add_argument("--runs", type=int, default=3)
     arguments = parser.parse_args()
-
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from mprnet_cli.model.config import TASK_CONFIGS
-    from mprnet_cli.model.network import MPRNet
-
     helps = [_help_seconds() for _ in range(arguments.runs)]
     print(f"mprnet --help: median {statistics.median(helps):.2f} s over {arguments.runs} runs "
           f"({', '.join(f'{s:.2f}' for s in helps)})")
