@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -83,3 +86,27 @@ def test_out_of_memory_errors_are_recognised() -> None:
     assert devices.is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate"))
     assert not devices.is_out_of_memory(RuntimeError("shape mismatch"))
     assert not devices.is_out_of_memory(ValueError("out of memory"))
+
+
+_FAULTS_PER_REUSE = """
+import resource, sys, torch
+from mprnet_cli import devices
+if sys.argv[1] == "keep":
+    assert devices.keep_freed_host_memory()
+for round in range(8):
+    if round == 4:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    features = torch.ones(48 << 20, dtype=torch.uint8)  # a 48 MB feature map, over glibc's mmap limit
+    del features
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not devices._is_glibc(), reason="glibc's malloc only")
+def test_freed_host_memory_is_reused_without_page_faults() -> None:
+    def faults(mode: str) -> int:
+        run = subprocess.run([sys.executable, "-c", _FAULTS_PER_REUSE, mode], capture_output=True, text=True, check=True)
+        return int(run.stdout)
+
+    assert faults("default") > 4 * (48 << 20) // 4096 // 2  # each round faults its pages in again
+    assert faults("keep") < 100

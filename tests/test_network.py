@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from mprnet_cli.checkpoints import read_state_dict
 from mprnet_cli.model.config import TASK_CONFIGS, MPRNetConfig, infer_config
-from mprnet_cli.model.network import MPRNet
+from mprnet_cli.model.network import MPRNet, _conv_prelu, _gate_and_add
 
 from .conftest import DATA, PARITY, TINY_CHECKPOINT
 
@@ -62,21 +64,56 @@ def test_batched_images_are_restored_independently() -> None:
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
 
 
-def test_in_place_inference_gives_the_same_numbers_and_training_still_backpropagates() -> None:
+def test_fused_in_place_inference_gives_the_same_numbers_and_training_still_backpropagates() -> None:
     torch.manual_seed(0)
     model = MPRNet(MPRNetConfig(n_feat=8, scale_unetfeats=4, scale_orsnetfeats=4, num_cab=1)).eval()
     image = torch.rand(1, 3, 32, 48)
     with torch.inference_mode():
-        in_place = model(image)
+        fused = model(image)
     with torch.no_grad():
-        out_of_place = model(image)
-    for a, b in zip(in_place, out_of_place):
-        assert torch.equal(a, b)
+        plain = model(image)
+    for a, b in zip(fused, plain):  # fused multiply-adds round once instead of twice
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=0)
     model(image)[0].mean().backward()  # no "modified by an inplace operation" error
     assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_convolution_and_prelu_fuse_on_the_cpu(channels_last: bool, dtype: torch.dtype, tolerance: float) -> None:
+    torch.manual_seed(0)
+    conv, activation = nn.Conv2d(8, 8, 3, padding=1, bias=False).to(dtype), nn.PReLU(init=0.3).to(dtype)
+    image = torch.randn(2, 8, 16, 24, dtype=dtype)
+    if channels_last:
+        image = image.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        plain = activation(conv(image))
+    with torch.inference_mode(), mock.patch.object(nn.PReLU, "forward", side_effect=AssertionError("not fused")):
+        fused = _conv_prelu(conv, activation, image)
+    torch.testing.assert_close(fused, plain, atol=tolerance, rtol=tolerance)
+
+
+def test_a_prelu_with_a_slope_per_channel_is_not_fused() -> None:
+    conv, activation = nn.Conv2d(4, 4, 3, padding=1), nn.PReLU(num_parameters=4)
+    image = torch.randn(1, 4, 8, 8)
+    with torch.inference_mode(), mock.patch.object(nn.PReLU, "forward", wraps=activation.forward) as called:
+        _conv_prelu(conv, activation, image)
+    called.assert_called_once()
 
 
 def test_sides_that_are_not_multiples_of_eight_are_refused() -> None:
     model = MPRNet(MPRNetConfig(n_feat=8, scale_unetfeats=4, scale_orsnetfeats=4, num_cab=1))
     with pytest.raises(ValueError, match="multiples of 8"):
         model(torch.rand(1, 3, 12, 16))
+
+
+@pytest.mark.parametrize("channels", [56, 128])
+def test_gating_in_bf16_matches_the_plain_product_and_sum(channels: int) -> None:
+    torch.manual_seed(0)
+    features, residual = (torch.randn(2, channels, 6, 10, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+                          for _ in range(2))
+    gate = torch.rand(2, channels, 1, 1, dtype=torch.bfloat16)
+    expected = torch.addcmul(residual, features, gate)
+    with torch.inference_mode():
+        gated = _gate_and_add(features.clone(), gate, residual)
+    assert torch.equal(gated, expected)

@@ -10,6 +10,7 @@ is the same arithmetic as the per-patch formulation, in fewer and larger calls.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mprnet_cli.model.config import MPRNetConfig
@@ -34,9 +35,36 @@ def _grow(x: Tensor, *terms: Tensor) -> Tensor:
     return x
 
 
-def _scale(x: Tensor, gate: Tensor) -> Tensor:
-    """`x * gate`, in place under the same rule as `_grow`."""
-    return x.mul_(gate) if torch.is_inference_mode_enabled() else x * gate
+def _gate_and_add(x: Tensor, gate: Tensor, residual: Tensor) -> Tensor:
+    """`x * gate + residual` in one pass over `x`, written into `x` under the rule of `_grow`."""
+    if not torch.is_inference_mode_enabled():
+        return torch.addcmul(residual, x, gate)
+    if gate.dtype == torch.bfloat16 and gate.shape[-2:] == (1, 1) and x.is_contiguous(memory_format=torch.channels_last):
+        # ATen vectorises the innermost run that all operands share. For a per-channel gate
+        # that is one pixel's channels (56 for derain), too short for 32-wide bf16 vectors;
+        # a gate row as wide as the image makes it a whole image row: 2.9x faster there.
+        gate = gate.expand(*gate.shape[:3], x.shape[-1]).contiguous(memory_format=torch.channels_last)
+    return torch.addcmul(residual, x, gate, out=x)
+
+
+def _conv_prelu(conv: nn.Conv2d, activation: nn.PReLU, x: Tensor) -> Tensor:
+    """`activation(conv(x))`, fused on the CPU.
+
+    The published PReLU has one slope, which makes it a leaky ReLU: oneDNN applies that to
+    the convolution's accumulators as they are stored (a post-op), which saves a pass over
+    the output; the separate PReLU was 5% of a deblur forward. Only for inference on CPU
+    tensors in fp32 or bf16; the fused result equals the unfused one in fp32.
+    """
+    if (activation.weight.numel() != 1 or x.device.type != "cpu" or x.dtype not in _FUSED_DTYPES
+            or not torch.is_inference_mode_enabled() or not torch.backends.mkldnn.is_available()
+            or conv.padding_mode != "zeros" or isinstance(conv.padding, str)):
+        return activation(conv(x))
+    return torch.ops.mkldnn._convolution_pointwise(
+        x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups,
+        "leaky_relu", [activation.weight.item()], "")
+
+
+_FUSED_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _split(x: Tensor, dim: int) -> Tensor:
@@ -50,7 +78,7 @@ def _join(x: Tensor, dim: int) -> Tensor:
 
 
 class ChannelAttention(nn.Module):
-    """Squeeze-and-excitation: rescale channels by a gate computed from their means."""
+    """Squeeze-and-excitation: a gate per channel, computed from the channel means."""
 
     def __init__(self, channels: int, reduction: int, bias: bool) -> None:
         super().__init__()
@@ -62,7 +90,8 @@ class ChannelAttention(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return _scale(x, self.conv_du(_spatial_mean(x)))
+        """The BxCx1x1 gate for `x`; the caller applies it (fused with its residual sum)."""
+        return self.conv_du(_spatial_mean(x))
 
 
 def _spatial_mean(x: Tensor) -> Tensor:
@@ -95,7 +124,9 @@ class ChannelAttentionBlock(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return _grow(self.CA(self.body(x)), x)
+        first, activation, second = self.body
+        features = second(_conv_prelu(first, activation, x))
+        return _gate_and_add(features, self.CA(features), x)
 
 
 def _blocks(count: int, channels: int, config: MPRNetConfig) -> nn.Sequential:
@@ -125,7 +156,11 @@ class UpSample(nn.Module):
         self.up = _resample(2.0, in_channels, out_channels)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.up(x)
+        # Convolution first: a 1x1 convolution mixes channels per pixel and bilinear
+        # upsampling mixes pixels per channel, so they commute, and the convolution then
+        # runs on a quarter of the pixels and the upsampling on the narrower output.
+        upsample, conv = self.up
+        return upsample(conv(x))
 
 
 class Encoder(nn.Module):
@@ -201,8 +236,7 @@ class SupervisedAttention(nn.Module):
 
     def forward(self, features: Tensor, degraded: Tensor) -> tuple[Tensor, Tensor]:
         image = _grow(self.conv2(features), degraded)
-        gated = _scale(self.conv1(features), torch.sigmoid(self.conv3(image)))
-        return _grow(gated, features), image
+        return _gate_and_add(self.conv1(features), torch.sigmoid(self.conv3(image)), features), image
 
 
 class OriginalResolutionBlock(nn.Module):
@@ -246,11 +280,27 @@ class OriginalResolutionSubnet(nn.Module):
         return x
 
     def _skip(self, level: int, encoded: list[Tensor | None], decoded: list[Tensor | None]) -> Tensor:
+        """conv_enc(up_enc(enc)) + conv_dec(up_dec(dec)), as one 1x1 convolution per path at
+        the U-Net level's own resolution, then one upsampling per halving of the sum: each
+        step is linear and 1x1 convolutions commute with bilinear upsampling, so this is the
+        same map with no full-resolution 1x1 convolution and one upsampled tensor, not two."""
         enc, dec = encoded[level], decoded[level]
         encoded[level] = decoded[level] = None
+        skip = _grow(F.conv2d(enc, *self._folded("enc", level)), F.conv2d(dec, *self._folded("dec", level)))
+        for _ in range(level):
+            skip = F.interpolate(skip, scale_factor=2.0, mode="bilinear", align_corners=False)
+        return skip
+
+    def _folded(self, path: str, level: int) -> tuple[Tensor, Tensor | None]:
+        """Weight and bias of `conv_<path><level+1>` after the 1x1 convolutions of
+        `up_<path><level>`, multiplied into one 1x1 convolution (in fp32, then cast)."""
+        last = getattr(self, f"conv_{path}{level + 1}")
+        weight = last.weight.flatten(1).float()
         if level:
-            enc, dec = getattr(self, f"up_enc{level}")(enc), getattr(self, f"up_dec{level}")(dec)
-        return _grow(getattr(self, f"conv_enc{level + 1}")(enc), getattr(self, f"conv_dec{level + 1}")(dec))
+            upsamples = getattr(self, f"up_{path}{level}")
+            for upsample in reversed(upsamples if isinstance(upsamples, nn.Sequential) else [upsamples]):
+                weight = weight @ upsample.up[1].weight.flatten(1).float()
+        return weight.to(last.weight.dtype)[..., None, None], last.bias
 
 
 def _shallow_features(config: MPRNetConfig) -> nn.Sequential:

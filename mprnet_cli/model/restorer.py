@@ -17,7 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mprnet_cli.devices import is_out_of_memory, memory_budget, resolve_device, resolve_precision
+from mprnet_cli.devices import (
+    is_out_of_memory,
+    keep_freed_host_memory,
+    memory_budget,
+    resolve_device,
+    resolve_precision,
+)
 from mprnet_cli.errors import DeviceError
 from mprnet_cli.model.config import MPRNetConfig
 from mprnet_cli.model.network import SIZE_MULTIPLE, MPRNet
@@ -106,6 +112,10 @@ class Restorer:
     cuts N x N tiles overlapping by `tile_overlap` pixels, blended as `tile_blend` says
     (see `mprnet_cli.tiling`). `tile_batch` tiles go through the network per call (None:
     as many as the device has room for).
+
+    On the CPU, constructing one makes the process's malloc keep freed memory for reuse
+    (`mprnet_cli.devices.keep_freed_host_memory`): about 15% faster forwards, and the RSS
+    stays at its peak until the process exits.
     """
 
     def __init__(
@@ -127,6 +137,8 @@ class Restorer:
         self.model = model.eval().to(device=self.device, dtype=self.dtype, memory_format=torch.channels_last)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # tiles repeat one shape: pick the fastest kernels once
+        if self.device.type == "cpu":
+            keep_freed_host_memory()  # no page faults for every feature map (see its docstring)
         self.tile, self.tile_overlap, self.tile_blend, self.tile_batch = tile, tile_overlap, tile_blend, tile_batch
         self._bytes_per_pixel: float | None = None
 
