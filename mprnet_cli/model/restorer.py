@@ -68,9 +68,11 @@ Progress = Callable[[int, int], None]
 #: `cut(top, left, height, width)`: a 1x3xhxw float tile of the image being restored.
 TileCutter = Callable[[int, int, int, int], Tensor]
 
-#: On the CPU, at most this many pixels squared per tile. Past it the rate per pixel falls
-#: (derain, bf16: 0.073 MP/s at 512x512, 0.059 at 640x640, 0.052 at 976x560: the
-#: activations outgrow the caches), and a deblur tile already takes about 18 s.
+#: On the CPU, at most this many pixels squared per tile: memory stays bounded (derain in
+#: bf16 peaks at 2.4 GB RSS for a whole 1024x1024 image, 0.7 GB in tiles) and progress
+#: steady (a 512x512 deblur tile takes 14 s on 2 cores). Speed does not ask for it: with
+#: freed memory reused, the rate per pixel is flat (derain, bf16, whole images: 0.082 MP/s
+#: at 512x512, 0.081 at 768x768, 0.083 at 1024x1024).
 CPU_TILE_CAP = 512
 #: Most tiles per forward on a GPU; beyond this the device is busy anyway.
 MAX_TILE_BATCH = 16
