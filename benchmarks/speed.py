@@ -4,9 +4,8 @@ Variants, each timed in a fresh process (peak RSS is a high-water mark), interle
 round by round because shared machines drift:
 
 - published: what the authors' demo does: fp32, NCHW, `torch.no_grad`, the whole image
-  reflect-padded to a multiple of 8, through the authors' forward step for step (each
-  patch through its stage separately, features concatenated into new tensors, every
-  intermediate held to the end), run on our modules: their memory and call pattern;
+  reflect-padded to a multiple of 8, through the authors' forward step for step
+  (`published.py`, on our modules' weights): their memory and call pattern;
 - default: `mprnet`'s default path (`--precision auto`, `--tile auto`): bf16 where the
   CPU has native bf16, channels-last, `torch.inference_mode`, tiles when the image is
   larger than the CPU tile cap;
@@ -43,6 +42,7 @@ import time
 from collections import defaultdict
 
 from memory import current_rss  # benchmarks/ is on the path when a script here runs
+from published import authors_forward
 
 #: TFLOP per megapixel, measured with torch's FLOP counter on 256x256 (shared/reference).
 TFLOP_PER_MEGAPIXEL = {"deblur": 23.2, "derain": 4.3, "denoise": 17.5}
@@ -77,35 +77,9 @@ def _published(model, image):  # noqa: ANN001, ANN202
 
     def run() -> None:
         with torch.no_grad():
-            _authors_forward(model, _padded(image))[0][..., :height, :width].clamp(0, 1)
+            authors_forward(model, _padded(image))[0][..., :height, :width].clamp(0, 1)
 
     return run
-
-
-def _authors_forward(model, image):  # noqa: ANN001, ANN202, PLR0914 - one function, as theirs, so nothing is freed early
-    """The authors' MPRNet.forward, step for step, on our modules."""
-    import torch
-
-    height, width = image.shape[-2:]
-    top, bottom = image[..., : height // 2, :], image[..., height // 2 :, :]
-    quarters = [top[..., : width // 2], top[..., width // 2 :], bottom[..., : width // 2], bottom[..., width // 2 :]]
-    shallow1 = [model.shallow_feat1(quarter) for quarter in quarters]
-    encoded1 = [model.stage1_encoder(features) for features in shallow1]
-    top1 = [torch.cat(pair, 3) for pair in zip(encoded1[0], encoded1[1])]
-    bottom1 = [torch.cat(pair, 3) for pair in zip(encoded1[2], encoded1[3])]
-    decoded1 = [model.stage1_decoder(top1), model.stage1_decoder(bottom1)]
-    sam1 = [model.sam12(decoded1[0][0], top), model.sam12(decoded1[1][0], bottom)]
-    stage1_image = torch.cat([sam1[0][1], sam1[1][1]], 2)
-    shallow2 = [model.shallow_feat2(top), model.shallow_feat2(bottom)]
-    x2 = [model.concat12(torch.cat([shallow2[half], sam1[half][0]], 1)) for half in range(2)]
-    encoded2 = [model.stage2_encoder(x2[0], top1, decoded1[0]), model.stage2_encoder(x2[1], bottom1, decoded1[1])]
-    joined2 = [torch.cat(pair, 2) for pair in zip(*encoded2)]
-    decoded2 = model.stage2_decoder(joined2)
-    gated2, stage2_image = model.sam23(decoded2[0], image)
-    shallow3 = model.shallow_feat3(image)
-    x3 = model.concat23(torch.cat([shallow3, gated2], 1))
-    x3 = model.stage3_orsnet(x3, list(joined2), list(decoded2))  # copies: ours empties the lists it is given
-    return model.tail(x3) + image, stage2_image, stage1_image
 
 
 def _ours(model, image, precision: str):  # noqa: ANN001, ANN202

@@ -84,7 +84,12 @@ def memory_budget(device: torch.device) -> float:
 
 
 def available_ram() -> int:
-    """MemAvailable on Linux (what the kernel can hand out without swapping), else free pages."""
+    """MemAvailable on Linux (what the kernel can hand out without swapping), else free
+    pages; plus the freed memory malloc keeps for reuse, which the kernel counts as used."""
+    return _kernel_available_ram() + kept_free_bytes()
+
+
+def _kernel_available_ram() -> int:
     try:
         with open("/proc/meminfo", encoding="ascii") as meminfo:
             for line in meminfo:
@@ -104,11 +109,11 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 #: mallopt() parameters (glibc's malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+#: As the trim threshold, -1 turns trimming off (mallopt(3)).
+_TRIM_OFF = -1
 #: Allocations up to this size come from the reusable heap; larger ones are still mapped.
 _HEAP_ALLOCATION_LIMIT = 1 << 30
-#: A trim threshold of -1 turns trimming off (mallopt(3)).
-_NEVER = -1
 
 
 def keep_freed_host_memory() -> bool:
@@ -119,18 +124,40 @@ def keep_freed_host_memory() -> bool:
     page faults while the kernel zeroes the pages: 1.8 million faults and 3.7 s of system
     time in a 17 s deblur forward at 512x512 on the CPU. Kept on the heap, the memory is
     reused and the same forward runs in 14.7 s. The price is that the process's RSS stays
-    at its peak until it exits. Process-wide and idempotent; False where the C library is
-    not glibc (nothing is changed there).
+    at its peak until it exits (`available_ram` counts the kept memory as available).
+    Process-wide and idempotent. False, with nothing changed, where the C library is not
+    glibc; False too if glibc refused a setting.
     """
-    if not _is_glibc():
+    libc = _glibc()
+    if libc is None:
         return False
-    mallopt = ctypes.CDLL(None).mallopt
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, _HEAP_ALLOCATION_LIMIT) and mallopt(_M_TRIM_THRESHOLD, _NEVER))
+    trimming_off = mallopt(_M_TRIM_THRESHOLD, _TRIM_OFF)
+    # Older glibc caps the mmap threshold at 32 MB; mapping nothing at all works there.
+    on_heap = mallopt(_M_MMAP_THRESHOLD, _HEAP_ALLOCATION_LIMIT) or mallopt(_M_MMAP_MAX, 0)
+    return bool(trimming_off and on_heap)
 
 
-def _is_glibc() -> bool:
+class _MallocInfo(ctypes.Structure):
+    """glibc's `struct mallinfo2`; `fordblks` is the freed memory malloc holds for reuse."""
+
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def kept_free_bytes() -> int:
+    """Memory this process has freed but malloc keeps (glibc 2.33 or newer; else 0)."""
+    libc = _glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        return 0
+    libc.mallinfo2.restype = _MallocInfo
+    return int(libc.mallinfo2().fordblks)
+
+
+def _glibc() -> ctypes.CDLL | None:
     try:
-        return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+        is_glibc = os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
     except (AttributeError, ValueError, OSError):  # not POSIX, or not GNU
-        return False
+        return None
+    return ctypes.CDLL(None) if is_glibc else None

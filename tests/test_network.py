@@ -12,7 +12,7 @@ from torch import nn
 
 from mprnet_cli.checkpoints import read_state_dict
 from mprnet_cli.model.config import TASK_CONFIGS, MPRNetConfig, infer_config
-from mprnet_cli.model.network import MPRNet, _conv_prelu, _gate_and_add
+from mprnet_cli.model.network import MPRNet, UpSample, _conv_prelu, _gate_and_add
 
 from .conftest import DATA, PARITY, TINY_CHECKPOINT
 
@@ -78,11 +78,18 @@ def test_fused_in_place_inference_gives_the_same_numbers_and_training_still_back
     assert all(p.grad is not None for p in model.parameters())
 
 
+_ONEDNN_BF16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+@pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
-def test_convolution_and_prelu_fuse_on_the_cpu(channels_last: bool, dtype: torch.dtype, tolerance: float) -> None:
+def test_convolution_and_prelu_fuse_on_the_cpu(bias: bool, channels_last: bool, dtype: torch.dtype,
+                                               tolerance: float) -> None:
+    if dtype == torch.bfloat16 and not _ONEDNN_BF16:
+        pytest.skip("this CPU has no bf16 instructions for oneDNN")
     torch.manual_seed(0)
-    conv, activation = nn.Conv2d(8, 8, 3, padding=1, bias=False).to(dtype), nn.PReLU(init=0.3).to(dtype)
+    conv, activation = nn.Conv2d(8, 8, 3, padding=1, bias=bias).to(dtype), nn.PReLU(init=0.3).to(dtype)
     image = torch.randn(2, 8, 16, 24, dtype=dtype)
     if channels_last:
         image = image.contiguous(memory_format=torch.channels_last)
@@ -91,6 +98,34 @@ def test_convolution_and_prelu_fuse_on_the_cpu(channels_last: bool, dtype: torch
     with torch.inference_mode(), mock.patch.object(nn.PReLU, "forward", side_effect=AssertionError("not fused")):
         fused = _conv_prelu(conv, activation, image)
     torch.testing.assert_close(fused, plain, atol=tolerance, rtol=tolerance)
+
+
+def test_bf16_is_not_fused_where_onednn_lacks_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    conv, activation = nn.Conv2d(4, 4, 3, padding=1).bfloat16(), nn.PReLU().bfloat16()
+    with torch.inference_mode(), mock.patch.object(nn.PReLU, "forward", wraps=activation.forward) as called:
+        _conv_prelu(conv, activation, torch.randn(1, 4, 8, 8, dtype=torch.bfloat16))
+    called.assert_called_once()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_orsnet_skips_equal_the_published_chain_of_upsamplings_and_convolutions(bias: bool) -> None:
+    torch.manual_seed(0)
+    config = MPRNetConfig(n_feat=8, scale_unetfeats=4, scale_orsnetfeats=4, num_cab=1, bias=bias)
+    orsnet = MPRNet(config).stage3_orsnet
+    encoded = [torch.randn(1, width, 32 >> level, 48 >> level) for level, width in enumerate(config.unet_widths)]
+    decoded = [torch.randn_like(features) for features in encoded]
+    for level in range(3):
+        enc, dec = encoded[level], decoded[level]
+        if level:  # the authors' order: each UpSample upsamples, then convolves
+            for upsample in getattr(orsnet, f"up_enc{level}").modules():
+                enc = upsample.up(enc) if isinstance(upsample, UpSample) else enc
+            for upsample in getattr(orsnet, f"up_dec{level}").modules():
+                dec = upsample.up(dec) if isinstance(upsample, UpSample) else dec
+        expected = getattr(orsnet, f"conv_enc{level + 1}")(enc) + getattr(orsnet, f"conv_dec{level + 1}")(dec)
+        with torch.no_grad():
+            folded = orsnet._skip(level, list(encoded), list(decoded))
+        torch.testing.assert_close(folded, expected.detach(), atol=1e-5, rtol=1e-5)
 
 
 def test_a_prelu_with_a_slope_per_channel_is_not_fused() -> None:

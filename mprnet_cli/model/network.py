@@ -39,10 +39,12 @@ def _gate_and_add(x: Tensor, gate: Tensor, residual: Tensor) -> Tensor:
     """`x * gate + residual` in one pass over `x`, written into `x` under the rule of `_grow`."""
     if not torch.is_inference_mode_enabled():
         return torch.addcmul(residual, x, gate)
-    if gate.dtype == torch.bfloat16 and gate.shape[-2:] == (1, 1) and x.is_contiguous(memory_format=torch.channels_last):
-        # ATen vectorises the innermost run that all operands share. For a per-channel gate
-        # that is one pixel's channels (56 for derain), too short for 32-wide bf16 vectors;
-        # a gate row as wide as the image makes it a whole image row: 2.9x faster there.
+    if (x.device.type == "cpu" and gate.dtype == torch.bfloat16 and gate.shape[-2:] == (1, 1)
+            and x.is_contiguous(memory_format=torch.channels_last)):
+        # ATen's CPU kernels vectorise the innermost run that all operands share. For a
+        # per-channel gate that is one pixel's channels (56 for derain), too short for
+        # 32-wide bf16 vectors; a gate row as wide as the image makes it a whole image row:
+        # 2.9x faster there.
         gate = gate.expand(*gate.shape[:3], x.shape[-1]).contiguous(memory_format=torch.channels_last)
     return torch.addcmul(residual, x, gate, out=x)
 
@@ -53,18 +55,23 @@ def _conv_prelu(conv: nn.Conv2d, activation: nn.PReLU, x: Tensor) -> Tensor:
     The published PReLU has one slope, which makes it a leaky ReLU: oneDNN applies that to
     the convolution's accumulators as they are stored (a post-op), which saves a pass over
     the output; the separate PReLU was 5% of a deblur forward. Only for inference on CPU
-    tensors in fp32 or bf16; the fused result equals the unfused one in fp32.
+    tensors that oneDNN computes natively; the result matches the unfused one to rounding.
     """
-    if (activation.weight.numel() != 1 or x.device.type != "cpu" or x.dtype not in _FUSED_DTYPES
-            or not torch.is_inference_mode_enabled() or not torch.backends.mkldnn.is_available()
-            or conv.padding_mode != "zeros" or isinstance(conv.padding, str)):
+    if not (torch.is_inference_mode_enabled() and activation.weight.numel() == 1 and _onednn_computes(x)):
         return activation(conv(x))
     return torch.ops.mkldnn._convolution_pointwise(
         x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups,
         "leaky_relu", [activation.weight.item()], "")
 
 
-_FUSED_DTYPES = (torch.float32, torch.bfloat16)
+def _onednn_computes(x: Tensor) -> bool:
+    """True where oneDNN's fused convolution can take `x`: a CPU tensor in fp32, or in bf16
+    on a CPU with bf16 instructions (elsewhere the fused op refuses bf16 outright)."""
+    if x.device.type != "cpu" or not torch.backends.mkldnn.is_available() or not torch.backends.mkldnn.enabled:
+        return False
+    if x.dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return x.dtype == torch.float32
 
 
 def _split(x: Tensor, dim: int) -> Tensor:
@@ -200,7 +207,7 @@ class Encoder(nn.Module):
 
 class SkipUpSample(UpSample):
     def forward(self, x: Tensor, skip: Tensor) -> Tensor:
-        return _grow(self.up(x), skip)
+        return _grow(super().forward(x), skip)
 
 
 class Decoder(nn.Module):
