@@ -89,13 +89,15 @@ def estimate_bytes_per_pixel(config: MPRNetConfig, dtype: torch.dtype) -> float:
     over the pixels) and rounded up.
     """
     element = torch.empty((), dtype=dtype).element_size()
-    return ACTIVATION_COPIES * (config.orsnet_width + config.n_feat) * max(element, 4)
+    return ACTIVATION_COPIES * (config.orsnet_width + config.n_feat) * element
 
 
-#: Full-resolution feature maps alive at the peak, per channel of (ORSNet + U-Net width),
-#: counted at 4 bytes: measured 4.6 to 5.2 in fp32 across the three published widths;
-#: bf16 saves less than half (oneDNN keeps fp32 buffers for reorders), so it is costed alike.
-ACTIVATION_COPIES = 6.0
+#: Full-resolution feature maps held at the peak RSS, per channel of (ORSNet + U-Net
+#: width), at the precision's element size: measured 7.7 to 10.9 in fp32 and 9.8 to 11.8
+#: in bf16 across the three published widths, with freed memory kept
+#: for reuse (glibc's heap then holds about twice the live maps, see
+#: `mprnet_cli.devices.keep_freed_host_memory`).
+ACTIVATION_COPIES = 12.0
 
 _INTEGER_SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
 
