@@ -118,7 +118,7 @@ class Restorer:
     as many as the device has room for).
 
     On the CPU, constructing one makes the process's malloc keep freed memory for reuse
-    (`mprnet_cli.devices.keep_freed_host_memory`): about 15% faster forwards, and the RSS
+    (`mprnet_cli.devices.keep_freed_host_memory`): about 10% faster forwards, and the RSS
     stays at its peak until the process exits.
     """
 
