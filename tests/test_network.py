@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from mprnet_cli.checkpoints import read_state_dict
+from mprnet_cli.devices import cpu_has_native_bf16
 from mprnet_cli.model.config import TASK_CONFIGS, MPRNetConfig, infer_config
 from mprnet_cli.model.network import MPRNet, UpSample, _conv_prelu, _gate_and_add
 
@@ -78,7 +79,7 @@ def test_fused_in_place_inference_gives_the_same_numbers_and_training_still_back
     assert all(p.grad is not None for p in model.parameters())
 
 
-_ONEDNN_BF16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+_ONEDNN_BF16 = cpu_has_native_bf16()
 
 
 @pytest.mark.parametrize("bias", [False, True])

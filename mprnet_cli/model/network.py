@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mprnet_cli.devices import cpu_has_native_bf16
 from mprnet_cli.model.config import MPRNetConfig
 
 #: Input height and width must be a multiple of this: two halvings inside the U-Nets,
@@ -70,7 +71,7 @@ def _onednn_computes(x: Tensor) -> bool:
     if x.device.type != "cpu" or not torch.backends.mkldnn.is_available() or not torch.backends.mkldnn.enabled:
         return False
     if x.dtype == torch.bfloat16:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return cpu_has_native_bf16()
     return x.dtype == torch.float32
 
 
