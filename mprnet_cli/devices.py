@@ -124,7 +124,8 @@ def keep_freed_host_memory() -> bool:
     page faults while the kernel zeroes the pages: 1.2 million faults in a 15.8 s deblur
     forward at 512x512 in bf16 on the CPU. Kept on the heap, the memory is reused and the
     same forward runs in 14.2 s. The price is that the process's RSS stays at its peak
-    (up to about 2.6 times the live data: aligned blocks fragment the heap) until it exits (`available_ram` counts the kept memory as available).
+    until it exits, and that peak is up to about 2.6 times the live data, as aligned
+    blocks fragment the heap (`available_ram` counts the kept memory as available).
     Process-wide and idempotent. False, with nothing changed, where the C library is not
     glibc; False too if glibc refused a setting.
     """
