@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 
 import torch
@@ -156,7 +157,9 @@ def kept_free_bytes() -> int:
     return int(libc.mallinfo2().fordblks)
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
+    """The C library's handle where it is glibc, opened once (tiles are sized per image)."""
     try:
         is_glibc = os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
     except (AttributeError, ValueError, OSError):  # not POSIX, or not GNU

@@ -88,7 +88,7 @@ def test_out_of_memory_errors_are_recognised() -> None:
     assert not devices.is_out_of_memory(ValueError("out of memory"))
 
 
-_FAULTS_PER_REUSE = """
+_REUSE_PROBE = """
 import resource, sys, torch
 from mprnet_cli import devices
 if sys.argv[1] == "keep" and not devices.keep_freed_host_memory():
@@ -111,7 +111,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 @pytest.mark.skipif(devices._glibc() is None, reason="glibc's malloc only")
 def test_freed_host_memory_is_reused_without_page_faults_and_counted_as_available() -> None:
     def run(mode: str) -> tuple[int, int]:
-        done = subprocess.run([sys.executable, "-c", _FAULTS_PER_REUSE, mode], capture_output=True, text=True, check=False)
+        done = subprocess.run([sys.executable, "-c", _REUSE_PROBE, mode], capture_output=True, text=True, check=False)
         if done.stderr.strip() == "not kept":
             pytest.skip("this glibc refused the settings")
         assert done.returncode == 0, done.stderr
