@@ -10,6 +10,9 @@ round by round because shared machines drift:
   CPU has native bf16, channels-last, `torch.inference_mode`, tiles when the image is
   larger than the CPU tile cap;
 - fp32: the same path in `--precision fp32`, the exact reference;
+- compiled: the default path with the network put through `torch.compile` (Inductor,
+  weights frozen into the graph), asked for by name only: compiling takes about a minute
+  here, shown as the first run. It is what a fixed-shape compiled fast path would gain;
 - onnxruntime: the network exported to ONNX and run by ONNX Runtime (fp32), only when
   the `onnxruntime` package is installed (not a dependency of the tool);
 - openvino: the network converted by OpenVINO and compiled for its CPU plugin in bf16
@@ -26,6 +29,7 @@ saving shows as a higher one.
 
     python benchmarks/speed.py                                   # derain and deblur, 256 and 512
     python benchmarks/speed.py --tasks derain --sizes 1920x1080 --variants default fp32
+    python benchmarks/speed.py --variants default compiled
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from published import authors_forward
 
 #: TFLOP per megapixel, measured with torch's FLOP counter on 256x256 (shared/reference).
 TFLOP_PER_MEGAPIXEL = {"deblur": 23.2, "derain": 4.3, "denoise": 17.5}
-VARIANTS = ("published", "default", "fp32", "onnxruntime", "openvino")
+VARIANTS = ("published", "default", "fp32", "onnxruntime", "openvino", "compiled")
 #: Other runtimes: their peak RSS is that of converting the model, so no forward share is shown.
 PEERS = ("onnxruntime", "openvino")
 
@@ -82,10 +86,14 @@ def _published(model, image):  # noqa: ANN001, ANN202
     return run
 
 
-def _ours(model, image, precision: str):  # noqa: ANN001, ANN202
+def _ours(model, image, precision: str, compiled: bool = False):  # noqa: ANN001, ANN202
+    import torch
+
     from mprnet_cli.model.restorer import Restorer
 
     restorer = Restorer(model, device="cpu", precision=precision)
+    if compiled:
+        restorer.model = torch.compile(restorer.model, dynamic=False, options={"freezing": True})
     return lambda: restorer.restore(image)
 
 
@@ -133,7 +141,7 @@ def run_worker(task: str, size: str, variant: str, repeats: int) -> dict[str, ob
     elif variant == "openvino":
         run = _openvino(model, image)
     else:
-        run = _ours(model, image, "auto" if variant == "default" else "fp32")
+        run = _ours(model, image, "fp32" if variant == "fp32" else "auto", compiled=variant == "compiled")
     before = current_rss()
     started = time.perf_counter()
     run()  # warm-up: oneDNN builds its kernels on the first call of each shape
@@ -161,7 +169,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=["derain", "deblur"], choices=sorted(TFLOP_PER_MEGAPIXEL))
     parser.add_argument("--sizes", nargs="+", default=["256", "512"], help="N or WIDTHxHEIGHT")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v != "compiled"], choices=VARIANTS)
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (each a fresh process per variant)")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per process, after one warm-up")
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)

@@ -25,11 +25,18 @@ def _conv(in_channels: int, out_channels: int, kernel_size: int, bias: bool) -> 
     return nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
 
 
+def _eager_inference() -> bool:
+    """True where the hand fusions below apply: eager inference. While `torch.compile`
+    traces, the plain ops are left to it (it fuses them itself, and these calls would
+    split its graph into dozens)."""
+    return not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
+
+
 def _grow(x: Tensor, *terms: Tensor) -> Tensor:
     """`x + sum(terms)`, written into `x` under `torch.inference_mode`, where no autograd
     graph can ever need it: one large temporary fewer per call, which lowers the forward's
     peak memory. `x` must be a fresh result that only the caller holds."""
-    if not torch.is_inference_mode_enabled():
+    if not _eager_inference():
         return sum(terms, x)
     for term in terms:
         x.add_(term)
@@ -38,7 +45,7 @@ def _grow(x: Tensor, *terms: Tensor) -> Tensor:
 
 def _gate_and_add(x: Tensor, gate: Tensor, residual: Tensor) -> Tensor:
     """`x * gate + residual` in one pass over `x`, written into `x` under the rule of `_grow`."""
-    if not torch.is_inference_mode_enabled():
+    if not _eager_inference():
         return torch.addcmul(residual, x, gate)
     if (x.device.type == "cpu" and gate.dtype == torch.bfloat16 and gate.shape[-2:] == (1, 1)
             and x.is_contiguous(memory_format=torch.channels_last)):
@@ -58,7 +65,7 @@ def _conv_prelu(conv: nn.Conv2d, activation: nn.PReLU, x: Tensor) -> Tensor:
     the output; the separate PReLU was 5% of a deblur forward. Only for inference on CPU
     tensors that oneDNN computes natively; the result matches the unfused one to rounding.
     """
-    if not (torch.is_inference_mode_enabled() and activation.weight.numel() == 1 and _onednn_computes(x)):
+    if not (_eager_inference() and activation.weight.numel() == 1 and _onednn_computes(x)):
         return activation(conv(x))
     return torch.ops.mkldnn._convolution_pointwise(
         x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups,
