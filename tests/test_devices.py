@@ -94,17 +94,16 @@ from mprnet_cli import devices
 if sys.argv[1] == "keep" and not devices.keep_freed_host_memory():
     sys.exit("not kept")
 image = torch.ones(1, 16, 1024, 640)  # 40 MiB float32 maps: over glibc's 32 MiB mmap limit
-for round in range(8):
-    if round == 4:
+for round in range(20):
+    if round == 10:  # the heap grows for a few rounds (aligned blocks fragment it), then settles
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     features = image + 1
     for _ in range(3):
         features = features * 2  # a new map while the last is alive, then the last is freed
-    if round == 7:
-        held = devices.kept_free_bytes()
-        del features
-        print(devices.kept_free_bytes() - held)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+held = devices.kept_free_bytes()
+del features
+print(devices.kept_free_bytes() - held, faults)
 """
 
 
@@ -119,10 +118,10 @@ def test_freed_host_memory_is_reused_without_page_faults_and_counted_as_availabl
         return freed, faults
 
     freed, faults = run("default")
-    assert faults > 4 * 4 * (40 << 20) // 4096 // 2  # each map's pages are faulted in anew
+    assert faults > 10 * 4 * (40 << 20) // 4096 // 2  # each map's pages are faulted in anew
     assert freed < (1 << 20)  # unmapped at once: nothing kept
     freed, faults = run("keep")
-    assert faults < 100
+    assert faults <= 2 * (40 << 20) // 4096  # the heap may still grow by a map once: not 40 maps
     assert freed >= 39 << 20  # the freed 40 MiB map is kept, and counted
 
 
