@@ -11,7 +11,7 @@ round by round because shared machines drift:
   larger than the CPU tile cap;
 - fp32: the same path in `--precision fp32`, the exact reference;
 - compiled: the default path with the network put through `torch.compile` (Inductor,
-  weights frozen into the graph), asked for by name only: compiling takes about a minute
+  weights frozen into the graph), asked for by name only: compiling takes 20 to 70 s
   here, shown as the first run. It is what a fixed-shape compiled fast path would gain;
 - onnxruntime: the network exported to ONNX and run by ONNX Runtime (fp32), only when
   the `onnxruntime` package is installed (not a dependency of the tool);
