@@ -133,11 +133,9 @@ def keep_freed_host_memory() -> bool:
     libc = _glibc()
     if libc is None:
         return False
-    mallopt = libc.mallopt
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    trimming_off = mallopt(_M_TRIM_THRESHOLD, _TRIM_OFF)
+    trimming_off = libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_OFF)
     # Older glibc caps the mmap threshold at 32 MB; mapping nothing at all works there.
-    on_heap = mallopt(_M_MMAP_THRESHOLD, _HEAP_ALLOCATION_LIMIT) or mallopt(_M_MMAP_MAX, 0)
+    on_heap = libc.mallopt(_M_MMAP_THRESHOLD, _HEAP_ALLOCATION_LIMIT) or libc.mallopt(_M_MMAP_MAX, 0)
     return bool(trimming_off and on_heap)
 
 
@@ -153,15 +151,21 @@ def kept_free_bytes() -> int:
     libc = _glibc()
     if libc is None or not hasattr(libc, "mallinfo2"):
         return 0
-    libc.mallinfo2.restype = _MallocInfo
     return int(libc.mallinfo2().fordblks)
 
 
 @functools.cache
 def _glibc() -> ctypes.CDLL | None:
-    """The C library's handle where it is glibc, opened once (tiles are sized per image)."""
+    """The C library's handle where it is glibc, opened and typed once (tiles are sized
+    per image)."""
     try:
         is_glibc = os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
     except (AttributeError, ValueError, OSError):  # not POSIX, or not GNU
         return None
-    return ctypes.CDLL(None) if is_glibc else None
+    if not is_glibc:
+        return None
+    libc = ctypes.CDLL(None)
+    libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    if hasattr(libc, "mallinfo2"):  # glibc 2.33 or newer
+        libc.mallinfo2.restype = _MallocInfo
+    return libc
