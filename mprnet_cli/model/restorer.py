@@ -94,8 +94,8 @@ def estimate_bytes_per_pixel(config: MPRNetConfig, dtype: torch.dtype) -> float:
 
 #: Full-resolution feature maps held at the peak RSS, per channel of (ORSNet + U-Net
 #: width), at the precision's element size: measured 7.7 to 10.9 in fp32 and 9.8 to 11.8
-#: in bf16 across the three published widths, with freed memory kept
-#: for reuse (glibc's heap then holds about twice the live maps, see
+#: in bf16 across the three published widths, with freed memory kept for reuse (glibc's
+#: heap then holds up to about 2.6 times the live maps, see
 #: `mprnet_cli.devices.keep_freed_host_memory`).
 ACTIVATION_COPIES = 12.0
 
