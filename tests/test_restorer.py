@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -139,16 +141,23 @@ def test_progress_is_reported_per_batch_of_tiles() -> None:
 
 
 class _RunsOutOfMemory(torch.nn.Module):
-    """Wraps a network and fails like CUDA does when a call holds more than `limit` pixels."""
+    """Wraps a network and fails like CUDA does when a call holds more than `limit` pixels,
+    after making a tensor, as a real forward has made its activations when it fails."""
 
     def __init__(self, model: MPRNet, limit: int) -> None:
         super().__init__()
         self.inner, self.config, self.limit = model, model.config, limit
         self.sizes: list[tuple[int, ...]] = []
+        self.failed_forwards: list[weakref.ref[torch.Tensor]] = []
+        self.retried_beside_a_failed_forward = False
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         self.sizes.append(tuple(image.shape))
+        if any(activations() is not None for activations in self.failed_forwards):
+            self.retried_beside_a_failed_forward = True
         if image.shape[0] * image.shape[2] * image.shape[3] > self.limit:
+            activations = torch.empty(image.shape)
+            self.failed_forwards.append(weakref.ref(activations))
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return self.inner(image)
 
@@ -161,9 +170,19 @@ def test_out_of_memory_splits_the_batch_then_the_tile(caplog: pytest.LogCaptureF
     np.testing.assert_array_equal(restorer.restore(image), image)
     assert network.sizes[:2] == [(4, 3, 64, 64), (2, 3, 64, 64)]
     assert (1, 3, 32, 32) in network.sizes
+    assert not network.retried_beside_a_failed_forward  # its memory was freed first
     assert "out of memory with 4 tiles per batch; retrying with 2" in caplog.text
     assert "out of memory on a 64x64 tile; retrying it as 32x32 tiles" in caplog.text
 
+
+
+def test_out_of_memory_halves_the_tiles_that_were_tried_not_the_batch_size() -> None:
+    image = np.random.default_rng(6).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    restorer = Restorer(_identity_model(), device="cpu", tile=64, tile_overlap=8, tile_batch=16)
+    network = _RunsOutOfMemory(restorer.model, limit=4 * 64 * 64)
+    restorer.model = network
+    np.testing.assert_array_equal(restorer.restore(image), image)
+    assert [size[0] for size in network.sizes] == [9, 4, 4, 1]  # 9 tiles: not 16 // 2 = 8 next
 
 def test_out_of_memory_below_the_smallest_tile_is_a_clear_error() -> None:
     restorer = Restorer(_identity_model(), device="cpu", tile=32, tile_overlap=8)
@@ -179,6 +198,7 @@ def test_whole_image_out_of_memory_falls_back_to_tiles_in_auto_mode() -> None:
     restorer.model = network
     np.testing.assert_array_equal(restorer.restore(image), image)
     assert network.sizes[0] == (1, 3, 80, 96) and network.sizes[1] == (1, 3, 40, 48)
+    assert not network.retried_beside_a_failed_forward
     exact = Restorer(_identity_model(), device="cpu", tile=0)
     exact.model = _RunsOutOfMemory(exact.model, limit=48 * 48)
     with pytest.raises(DeviceError, match="out of memory on the device running the whole image; use --tile auto"):

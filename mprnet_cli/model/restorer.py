@@ -188,16 +188,12 @@ class Restorer:
 
         shape = self.tile_shape_for(height, width)
         if shape is None:
-            try:
-                restored = self.restore_tensor(cut(0, 0, height, width))
-            except RuntimeError as error:
-                if not is_out_of_memory(error):
-                    raise
+            restored = self._try_forward(cut(0, 0, height, width))
+            if restored is None:
                 if self.tile is not None:  # the user asked for the whole image: say so, do not tile
                     raise DeviceError("out of memory on the device running the whole image; "
-                                      "use --tile auto or a tile size such as --tile 512") from None
-                _release_cached_memory(self.device)
-                shape = _halve((round_up(height), round_up(width)), error, "the whole image")
+                                      "use --tile auto or a tile size such as --tile 512")
+                shape = _halve((round_up(height), round_up(width)), "the whole image")
         if shape is not None:
             restored = self._restore_tiles(cut, height, width, shape, self.tile_overlap, progress)
         return join_alpha(tensor_to_array(restored, like=color), alpha)
@@ -258,17 +254,13 @@ class Restorer:
         done = 0
         while done < len(tiles):
             group = tiles[done:done + batch]
-            try:
-                restored = self.restore_tensor(torch.cat([cut(t.top, t.left, t.height, t.width) for t in group]))
-            except RuntimeError as error:
-                if not is_out_of_memory(error):
-                    raise
-                _release_cached_memory(self.device)
-                if batch > 1:
-                    batch //= 2
+            restored = self._try_forward(torch.cat([cut(t.top, t.left, t.height, t.width) for t in group]))
+            if restored is None:
+                if len(group) > 1:
+                    batch = len(group) // 2
                     logger.warning("out of memory with %d tiles per batch; retrying with %d", len(group), batch)
                     continue
-                smaller = _halve((grid.tile_height, grid.tile_width), error, f"{grid.tile_width}x{grid.tile_height} tiles")
+                smaller = _halve((grid.tile_height, grid.tile_width), f"{grid.tile_width}x{grid.tile_height} tiles")
                 restored = self._restore_smaller(cut, group[0], smaller)
             for placed, pixels in zip(group, restored):
                 grid.accumulate(output, placed, pixels)
@@ -276,6 +268,22 @@ class Restorer:
             if progress is not None:
                 progress(done, len(tiles))
         return output[None]
+
+    def _try_forward(self, batch: Tensor) -> Tensor | None:
+        """The restored batch, or None when the device ran out of memory.
+
+        Retrying must wait until this returns: until the except clause ends, the error's
+        traceback holds the failed forward's frames and with them every tensor it had made.
+        Retried inside it, each smaller attempt ran beside all the failed ones (seen on an
+        H100: 256x192 tiles failed where two 256x256 tiles had room).
+        """
+        try:
+            return self.restore_tensor(batch)
+        except RuntimeError as error:
+            if not is_out_of_memory(error):
+                raise
+        _release_cached_memory(self.device)
+        return None
 
     def _restore_smaller(self, cut: TileCutter, tile: Tile, smaller: tuple[int, int]) -> Tensor:
         logger.warning("out of memory on a %dx%d tile; retrying it as %dx%d tiles", tile.width, tile.height,
@@ -297,13 +305,13 @@ class Restorer:
         return Image.fromarray(restored)
 
 
-def _halve(shape: tuple[int, int], error: BaseException, what: str) -> tuple[int, int]:
+def _halve(shape: tuple[int, int], what: str) -> tuple[int, int]:
     """Half of each side, as a multiple of 8 and no less than `MIN_TILE`; an error when
     neither side can shrink any more."""
     smaller = tuple(max(MIN_TILE, side // 2 // SIZE_MULTIPLE * SIZE_MULTIPLE) for side in shape)
     if smaller == tuple(shape):
         raise DeviceError(f"out of memory on the device running {what} (smallest tile is {MIN_TILE} pixels); "
-                          "free device memory, use --precision bf16, or --device cpu") from error
+                          "free device memory, use --precision bf16, or --device cpu")
     return smaller  # type: ignore[return-value]
 
 
