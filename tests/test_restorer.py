@@ -227,6 +227,22 @@ def test_auto_tiles_per_batch_on_cuda_fill_the_free_memory(monkeypatch: pytest.M
     assert restorer.tile_shape_for(1080, 1920) is None  # no CPU latency cap on a GPU: 6.5 MP fit
 
 
+
+@pytest.mark.parametrize(("precision", "tf32"), [("fp32", False), ("bf16", True)])
+def test_cudnn_autotunes_and_keeps_fp32_exact_only_inside_the_forward(precision: str, tf32: bool) -> None:
+    """Testable without a GPU: the settings are flags of the CPU build too."""
+    cudnn = torch.backends.cudnn
+    restorer = Restorer(_identity_model(), device="cpu", precision=precision)
+    restorer.device = torch.device("cuda")
+    before = (cudnn.benchmark, cudnn.allow_tf32, cudnn.deterministic)
+    cudnn.deterministic = True
+    try:
+        with restorer.cudnn_settings():
+            assert cudnn.benchmark and cudnn.allow_tf32 == tf32 and cudnn.deterministic
+        assert (cudnn.benchmark, cudnn.allow_tf32, cudnn.deterministic) == (before[0], before[1], True)
+    finally:
+        cudnn.benchmark, cudnn.allow_tf32, cudnn.deterministic = before
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [({"tile": 33}, "tile size 33"), ({"tile": 64, "tile_overlap": 40}, "tile overlap 40 is too large"),
