@@ -19,7 +19,14 @@ round by round because shared machines drift:
   (`INFERENCE_PRECISION_HINT`), only when the `openvino` package is installed.
 
 Memory: peak RSS of the whole process, and the forward's share of it per megapixel (peak
-minus the RSS before the first forward: the model and imports excluded).
+minus the RSS before the first forward: the model and imports excluded). With `--device
+cuda`, the same from `torch.cuda.max_memory_allocated` instead of RSS, and the CPU
+runtimes (onnxruntime, openvino) are left out; the peak is that of the timed runs, after
+the warm-up, whose first call per shape lets cuDNN try kernels with whatever workspace they
+ask for (gigabytes in fp32). On CUDA, *published* runs with PyTorch's
+defaults, as the authors' demo does: cuDNN may use TF32 for its fp32 convolutions,
+while `mprnet --precision fp32` does not (the exact reference). *compiled* adds CUDA
+graphs there.
 
 Seeded random weights: speed does not depend on their values. GFLOP/s counts the
 published network's FLOPs for the image itself (torch's FLOP counter, 2 per multiply-add),
@@ -30,6 +37,7 @@ saving shows as a higher one.
     python benchmarks/speed.py                                   # derain and deblur, 256 and 512
     python benchmarks/speed.py --tasks derain --sizes 1920x1080 --variants default fp32
     python benchmarks/speed.py --variants default compiled
+    python benchmarks/speed.py --device cuda --sizes 512 1920x1080 --repeats 5
 """
 
 from __future__ import annotations
@@ -73,27 +81,28 @@ def _padded(image):  # noqa: ANN001, ANN202
     return pad_to_multiple(array_to_tensor(image))
 
 
-def _published(model, image):  # noqa: ANN001, ANN202
+def _published(model, image, device: str):  # noqa: ANN001, ANN202
     import torch
 
-    model = model.float().eval()
+    model = model.float().eval().to(device)
     height, width = image.shape[:2]
 
     def run() -> None:
         with torch.no_grad():
-            authors_forward(model, _padded(image))[0][..., :height, :width].clamp(0, 1)
+            authors_forward(model, _padded(image).to(device))[0][..., :height, :width].clamp(0, 1).cpu()
 
     return run
 
 
-def _ours(model, image, precision: str, compiled: bool = False):  # noqa: ANN001, ANN202
+def _ours(model, image, precision: str, device: str, compiled: bool = False):  # noqa: ANN001, ANN202
     import torch
 
     from mprnet_cli.model.restorer import Restorer
 
-    restorer = Restorer(model, device="cpu", precision=precision)
+    restorer = Restorer(model, device=device, precision=precision)
     if compiled:
-        restorer.model = torch.compile(restorer.model, dynamic=False, options={"freezing": True})
+        options = {"freezing": True, "triton.cudagraphs": restorer.device.type == "cuda"}
+        restorer.model = torch.compile(restorer.model, dynamic=False, options=options)
     return lambda: restorer.restore(image)
 
 
@@ -124,7 +133,7 @@ def _openvino(model, image):  # noqa: ANN001, ANN202
     return lambda: request.infer([feed])
 
 
-def run_worker(task: str, size: str, variant: str, repeats: int) -> dict[str, object]:
+def run_worker(task: str, size: str, variant: str, repeats: int, device: str) -> dict[str, object]:
     import torch
 
     from mprnet_cli.model.config import TASK_CONFIGS
@@ -135,29 +144,34 @@ def run_worker(task: str, size: str, variant: str, repeats: int) -> dict[str, ob
     height, width = _size(size)
     image = _image(height, width)
     if variant == "published":
-        run = _published(model, image)
+        run = _published(model, image, device)
     elif variant == "onnxruntime":
         run = _onnxruntime(model, image)
     elif variant == "openvino":
         run = _openvino(model, image)
     else:
-        run = _ours(model, image, "fp32" if variant == "fp32" else "auto", compiled=variant == "compiled")
-    before = current_rss()
+        run = _ours(model, image, "fp32" if variant == "fp32" else "auto", device, compiled=variant == "compiled")
+    cuda = device == "cuda"
+    before = torch.cuda.memory_allocated() if cuda else current_rss()
     started = time.perf_counter()
-    run()  # warm-up: oneDNN builds its kernels on the first call of each shape
+    run()  # warm-up: oneDNN builds its kernels, and cuDNN picks its, on the first call of each shape
     first = time.perf_counter() - started
+    if cuda:  # cuDNN's trial workspaces on the first call are not the forward's memory
+        torch.cuda.reset_peak_memory_stats()
     seconds = []
     for _ in range(repeats):
         started = time.perf_counter()
         run()
         seconds.append(time.perf_counter() - started)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"first": first, "seconds": seconds, "peak_rss": peak, "forward_rss": peak - before}
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"first": first, "seconds": seconds, "peak": peak, "forward": peak - before}
 
 
-def _available(variant: str) -> bool:
+def _available(variant: str, device: str) -> bool:
     if variant not in PEERS:
         return True
+    if device == "cuda":  # CPU runtimes
+        return False
     try:
         importlib.import_module(variant)
     except ImportError:
@@ -172,30 +186,34 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v != "compiled"], choices=VARIANTS)
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (each a fresh process per variant)")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per process, after one warm-up")
-    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.worker:
-        task, size, variant, repeats = arguments.worker
-        print(json.dumps(run_worker(task, size, variant, int(repeats))))
+        task, size, variant, repeats, device = arguments.worker
+        print(json.dumps(run_worker(task, size, variant, int(repeats), device)))
         return
 
     import torch
 
-    variants = [v for v in arguments.variants if _available(v)]
+    device = arguments.device
+    variants = [v for v in arguments.variants if _available(v, device)]
+    machine = torch.cuda.get_device_name() if device == "cuda" else _cpu_name()
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
-          f"{_cpu_name()}; rounds {arguments.rounds}, repeats {arguments.repeats}", flush=True)
+          f"{machine}; rounds {arguments.rounds}, repeats {arguments.repeats}", flush=True)
     results: dict[tuple[str, str, str], list[dict[str, object]]] = defaultdict(list)
     for _ in range(arguments.rounds):
         for task in arguments.tasks:
             for size in arguments.sizes:
                 for variant in variants:
-                    command = [sys.executable, __file__, "--worker", task, size, variant, str(arguments.repeats)]
+                    command = [sys.executable, __file__, "--worker", task, size, variant, str(arguments.repeats), device]
                     finished = subprocess.run(command, capture_output=True, text=True, check=False)
                     if finished.returncode != 0:
                         raise SystemExit(f"{task} {size} {variant} failed:\n{finished.stderr[-2000:]}")
                     results[task, size, variant].append(json.loads(finished.stdout))
 
-    print("| task | size | variant | seconds | MP/s | GFLOP/s | vs published | peak RSS | forward GB/MP | vs published "
+    peak_column = "peak allocated" if device == "cuda" else "peak RSS"
+    print(f"| task | size | variant | seconds | MP/s | GFLOP/s | vs published | {peak_column} | forward GB/MP | vs published "
           "| first run |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for task in arguments.tasks:
@@ -203,19 +221,20 @@ def main() -> None:
             height, width = _size(size)
             megapixels = height * width / 1e6
             medians = {v: statistics.median(s for r in results[task, size, v] for s in r["seconds"]) for v in variants}
-            forward = {v: max(r["forward_rss"] for r in results[task, size, v]) / 1024**3 / megapixels for v in variants}
+            forward = {v: max(r["forward"] for r in results[task, size, v]) / 1024**3 / megapixels for v in variants}
             for variant in variants:
                 runs = results[task, size, variant]
                 seconds = medians[variant]
                 ratio = f"{medians['published'] / seconds:.2f}x" if "published" in medians else "-"
-                peak = max(r["peak_rss"] for r in runs) / 1024**3
+                peak = max(r["peak"] for r in runs) / 1024**3
                 share, saved = f"{forward[variant]:.2f}", "-"
                 if variant in PEERS:
                     share = "-"
                 elif "published" in forward and variant != "published":
                     less = 1 - forward[variant] / forward["published"]
                     saved = f"{less:.0%} less" if less >= 0 else f"{-less:.0%} more"
-                print(f"| {task} | {width}x{height} | {variant} | {seconds:.2f} | {megapixels / seconds:.3f} | "
+                print(f"| {task} | {width}x{height} | {variant} | {seconds:.{2 if seconds >= 1 else 3}f} | "
+                      f"{megapixels / seconds:.3f} | "
                       f"{TFLOP_PER_MEGAPIXEL[task] * megapixels / seconds * 1000:.0f} | {ratio} | {peak:.2f} GB | "
                       f"{share} | {saved} | {statistics.median(r['first'] for r in runs):.2f} s |")
 
