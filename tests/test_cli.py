@@ -144,7 +144,8 @@ def test_checkpoint_of_another_task(photo: Path, tmp_path: Path) -> None:
     assert (code, stderr) == (2, f"error: {derain} looks like a derain checkpoint: run `mprnet derain`, not `mprnet deblur`\n")
 
 
-def test_unavailable_device(photo: Path) -> None:
+def test_unavailable_device(photo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a machine with a GPU
     code, stderr = _error(["deblur", str(photo), "--device", "cuda", *WEIGHTS])
     assert code == 2 and stderr.startswith("error: --device cuda: no CUDA GPU is available")
 

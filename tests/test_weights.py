@@ -249,7 +249,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(hub: FakeHub, monkeypatch: p
 def test_two_processes_downloading_at_once_share_one_transfer(hub: FakeHub, tiny_checkpoint: Path) -> None:
     hub.body_delay_s = 1.0
     code = "from mprnet_cli.weights import resolve_checkpoint; print(resolve_checkpoint('deblur'))"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     processes = [
         subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(2)
