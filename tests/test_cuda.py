@@ -20,8 +20,7 @@ import torch
 from PIL import Image
 
 from mprnet_cli import Restorer
-from mprnet_cli.checkpoints import read_state_dict
-from mprnet_cli.model.config import TASK_CONFIGS, infer_config
+from mprnet_cli.model.config import TASK_CONFIGS
 from mprnet_cli.model.network import MPRNet
 from mprnet_cli.model.restorer import MAX_TILE_BATCH
 
@@ -42,10 +41,7 @@ def empty_device() -> Iterator[None]:
 def test_fp32_on_cuda_matches_the_authors_code(size: str) -> None:
     """fp32 is the exact reference on the GPU too: no TF32 in the convolutions."""
     expected = np.load(PARITY / f"expected_{size}.npz")
-    state = read_state_dict(TINY_CHECKPOINT)
-    model = MPRNet(infer_config(state))
-    model.load_state_dict(state)
-    restorer = Restorer(model, device="cuda", precision="fp32", tile=0)
+    restorer = Restorer.from_checkpoint(TINY_CHECKPOINT, device="cuda", precision="fp32", tile=0)
     restored = restorer.restore_tensor(torch.from_numpy(expected["padded_input"])[None])
     np.testing.assert_allclose(restored[0].numpy(), expected["stage3"].clip(0, 1), atol=1e-5, rtol=0)
 
