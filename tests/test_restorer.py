@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import types
 import weakref
 
 import numpy as np
@@ -227,21 +229,41 @@ def test_auto_tiles_per_batch_on_cuda_fill_the_free_memory(monkeypatch: pytest.M
     assert restorer.tile_shape_for(1080, 1920) is None  # no CPU latency cap on a GPU: 6.5 MP fit
 
 
-
-@pytest.mark.parametrize(("precision", "tf32"), [("fp32", False), ("bf16", True)])
-def test_cudnn_autotunes_and_keeps_fp32_exact_only_inside_the_forward(precision: str, tf32: bool) -> None:
-    """Testable without a GPU: the settings are flags of the CPU build too."""
-    cudnn = torch.backends.cudnn
+def _on_cuda(precision: str) -> Restorer:
     restorer = Restorer(_identity_model(), device="cpu", precision=precision)
-    restorer.device = torch.device("cuda")
-    before = (cudnn.benchmark, cudnn.allow_tf32, cudnn.deterministic)
-    cudnn.deterministic = True
+    restorer.device = torch.device("cuda")  # the settings are flags of the CPU build too
+    return restorer
+
+
+@pytest.mark.parametrize("caller", [None, "conv tf32", "global tf32"])
+def test_cudnn_autotunes_and_keeps_fp32_exact_only_inside_the_forward(caller: str | None) -> None:
+    """Whatever precision setting the caller made, PyTorch's per-operator one or its global
+    one, fp32 convolutions are IEEE inside, and every setting is as it was after."""
+    cudnn, backends = torch.backends.cudnn, torch.backends
+    before = (cudnn.benchmark, cudnn.conv.fp32_precision, backends.fp32_precision)
     try:
-        with restorer.cudnn_settings():
-            assert cudnn.benchmark and cudnn.allow_tf32 == tf32 and cudnn.deterministic
-        assert (cudnn.benchmark, cudnn.allow_tf32, cudnn.deterministic) == (before[0], before[1], True)
+        if caller == "conv tf32":
+            cudnn.conv.fp32_precision = "tf32"
+        elif caller == "global tf32":
+            backends.fp32_precision = "tf32"
+        expected = (False, cudnn.conv.fp32_precision, backends.fp32_precision)
+        cudnn.benchmark = False
+        with _on_cuda("fp32").cudnn_settings():
+            assert cudnn.benchmark and cudnn.conv.fp32_precision == "ieee"
+        assert (cudnn.benchmark, cudnn.conv.fp32_precision, backends.fp32_precision) == expected
+        with _on_cuda("bf16").cudnn_settings():  # no fp32 convolutions: precision left alone
+            assert cudnn.benchmark and cudnn.conv.fp32_precision == expected[1]
     finally:
-        cudnn.benchmark, cudnn.allow_tf32, cudnn.deterministic = before
+        cudnn.benchmark, cudnn.conv.fp32_precision, backends.fp32_precision = before
+
+
+def test_cudnn_settings_use_the_tf32_switch_on_older_pytorch(monkeypatch: pytest.MonkeyPatch) -> None:
+    older = types.SimpleNamespace(benchmark=False, allow_tf32=True)  # before PyTorch 2.9: no `conv`
+    monkeypatch.setattr(torch.backends, "cudnn", older)
+    with _on_cuda("fp32").cudnn_settings():
+        assert older.benchmark and not older.allow_tf32
+    assert not older.benchmark and older.allow_tf32
+
 
 @pytest.mark.parametrize(
     ("options", "message"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, overload
 
@@ -162,16 +162,34 @@ class Restorer:
             restored = self.model(pad_to_multiple(image))[0][..., :height, :width]
         return restored.float().clamp_(0.0, 1.0).cpu()
 
-    def cudnn_settings(self) -> contextlib.AbstractContextManager[object]:
+    @contextlib.contextmanager
+    def cudnn_settings(self) -> Iterator[None]:
         """On CUDA, for the forward only: cuDNN times its kernels on the first tile of each
         shape and keeps the fastest (tiles repeat one shape), and fp32 convolutions stay in
         true fp32, the exact reference, rather than the TF32 that PyTorch lets cuDNN use by
-        default (10-bit mantissas). Scoped, so the caller's own settings are left alone."""
+        default (10-bit mantissas). Only these two settings are touched, and put back after.
+
+        PyTorch 2.9 and newer refuse to mix their per-operator precision setting with the
+        older `allow_tf32` switch, so the switch is used only where the setting does not exist.
+        """
         if self.device.type != "cuda":
-            return contextlib.nullcontext()
+            yield
+            return
         cudnn = torch.backends.cudnn
-        return cudnn.flags(enabled=cudnn.enabled, benchmark=True, deterministic=cudnn.deterministic,
-                           allow_tf32=self.dtype != torch.float32)
+        settings = [(cudnn, "benchmark", True)]
+        if self.dtype == torch.float32:
+            if hasattr(cudnn, "conv"):
+                settings.append((cudnn.conv, "fp32_precision", "ieee"))
+            else:
+                settings.append((cudnn, "allow_tf32", False))
+        saved = [(owner, name, getattr(owner, name)) for owner, name, _ in settings]
+        try:
+            for owner, name, value in settings:
+                setattr(owner, name, value)
+            yield
+        finally:
+            for owner, name, value in saved:
+                setattr(owner, name, value)
 
     @overload
     def restore(self, image: np.ndarray, progress: Progress | None = None) -> np.ndarray: ...
