@@ -134,13 +134,18 @@ def _user_errors() -> Iterator[None]:
     try:
         yield
     except MprnetError as error:
-        if os.environ.get("MPRNET_DEBUG") == "1":
+        if _debugging():
             raise
         typer.echo(f"error: {error.message}", err=True)
         raise typer.Exit(error.exit_code) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None
+
+
+def _debugging() -> bool:
+    """MPRNET_DEBUG=1: tracebacks and debug lines for bug reports."""
+    return os.environ.get("MPRNET_DEBUG") == "1"
 
 
 class _StderrFormatter(logging.Formatter):
@@ -155,7 +160,7 @@ def _configure_logging(quiet: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_StderrFormatter())
     logger.handlers[:] = [handler]
-    logger.setLevel(logging.ERROR if quiet else logging.INFO)
+    logger.setLevel(logging.ERROR if quiet else logging.DEBUG if _debugging() else logging.INFO)
     logger.propagate = False
     # The hub client logs every retry of an unreachable server; our one error line says it
     # all. It reads this when first imported (later, lazily); a user's own setting wins.

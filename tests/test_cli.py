@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import shutil
 import subprocess
@@ -155,6 +156,7 @@ def test_debug_shows_the_exception(photo: Path, monkeypatch: pytest.MonkeyPatch)
     result = runner.invoke(app, ["deblur", str(photo), "--weights", "nope.pth"])
     assert result.exit_code == 1
     assert "checkpoint not found: nope.pth" in str(result.exception)
+    assert logging.getLogger("mprnet").level == logging.DEBUG  # debug lines too
 
 
 def test_tiled_run_matches_the_python_api(photo: Path, tmp_path: Path) -> None:

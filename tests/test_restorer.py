@@ -177,7 +177,6 @@ def test_out_of_memory_splits_the_batch_then_the_tile(caplog: pytest.LogCaptureF
     assert "out of memory on a 64x64 tile; retrying it as 32x32 tiles" in caplog.text
 
 
-
 def test_out_of_memory_halves_the_tiles_that_were_tried_not_the_batch_size() -> None:
     image = np.random.default_rng(6).integers(0, 256, (128, 128, 3), dtype=np.uint8)
     restorer = Restorer(_identity_model(), device="cpu", tile=64, tile_overlap=8, tile_batch=16)
@@ -186,6 +185,7 @@ def test_out_of_memory_halves_the_tiles_that_were_tried_not_the_batch_size() -> 
     np.testing.assert_array_equal(restorer.restore(image), image)
     assert [size[0] for size in network.sizes] == [9, 4, 4, 1]  # 9 tiles: not 16 // 2 = 8 next
 
+
 def test_out_of_memory_below_the_smallest_tile_is_a_clear_error() -> None:
     restorer = Restorer(_identity_model(), device="cpu", tile=32, tile_overlap=8)
     restorer.model = _RunsOutOfMemory(restorer.model, limit=0)
@@ -193,14 +193,16 @@ def test_out_of_memory_below_the_smallest_tile_is_a_clear_error() -> None:
         restorer.restore(np.zeros((40, 40, 3), dtype=np.uint8))
 
 
-def test_whole_image_out_of_memory_falls_back_to_tiles_in_auto_mode() -> None:
+def test_whole_image_out_of_memory_falls_back_to_tiles_in_auto_mode(caplog: pytest.LogCaptureFixture) -> None:
     image = np.random.default_rng(7).integers(0, 256, (80, 96, 3), dtype=np.uint8)
     restorer = Restorer(_identity_model(), device="cpu", tile_overlap=8)
     network = _RunsOutOfMemory(restorer.model, limit=48 * 48)
     restorer.model = network
+    caplog.set_level(logging.DEBUG, logger="mprnet")
     np.testing.assert_array_equal(restorer.restore(image), image)
     assert network.sizes[0] == (1, 3, 80, 96) and network.sizes[1] == (1, 3, 40, 48)
     assert not network.retried_beside_a_failed_forward
+    assert "CUDA out of memory. Tried to allocate 2.00 GiB" in caplog.text  # the allocator's account, for debugging
     exact = Restorer(_identity_model(), device="cpu", tile=0)
     exact.model = _RunsOutOfMemory(exact.model, limit=48 * 48)
     with pytest.raises(DeviceError, match="out of memory on the device running the whole image; use --tile auto"):

@@ -216,15 +216,15 @@ class Restorer:
             return array_to_tensor(color[top:top + tile_height, left:left + tile_width])
 
         shape = self.tile_shape_for(height, width)
-        if shape is None:
-            restored = self._try_forward(cut(0, 0, height, width))
-            if restored is None:
-                if self.tile is not None:  # the user asked for the whole image: say so, do not tile
-                    raise DeviceError("out of memory on the device running the whole image; "
-                                      "use --tile auto or a tile size such as --tile 512")
-                shape = _halve((round_up(height), round_up(width)), "the whole image")
-        if shape is not None:
-            restored = self._restore_tiles(cut, height, width, shape, self.tile_overlap, progress)
+        whole = self._try_forward(cut(0, 0, height, width)) if shape is None else None
+        if whole is not None:
+            return join_alpha(tensor_to_array(whole, like=color), alpha)
+        if shape is None:  # the whole image ran out of memory
+            if self.tile is not None:  # the user asked for the whole image: say so, do not tile
+                raise DeviceError("out of memory on the device running the whole image; "
+                                  "use --tile auto or a tile size such as --tile 512")
+            shape = _halve((round_up(height), round_up(width)), "the whole image")
+        restored = self._restore_tiles(cut, height, width, shape, self.tile_overlap, progress)
         return join_alpha(tensor_to_array(restored, like=color), alpha)
 
     def tile_shape_for(self, height: int, width: int) -> tuple[int, int] | None:
@@ -267,6 +267,7 @@ class Restorer:
         side = 256
         probe = torch.zeros(1, 3, side, side)
         self.restore_tensor(probe)
+        torch.cuda.empty_cache()  # the trials' memory, which free memory would count as used
         torch.cuda.synchronize(self.device)
         before = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -317,6 +318,9 @@ class Restorer:
         except RuntimeError as error:
             if not is_out_of_memory(error):
                 raise
+            # The allocator's own account (MPRNET_DEBUG=1 shows it), as text: a record that
+            # held the error would hold its traceback too.
+            logger.debug("%s", str(error))
         _release_cached_memory(self.device)
         return None
 
