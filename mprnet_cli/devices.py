@@ -139,6 +139,20 @@ def keep_freed_host_memory() -> bool:
     return bool(trimming_off and on_heap)
 
 
+def release_freed_host_memory() -> None:
+    """Hand the pages of the freed blocks that malloc keeps back to the OS (malloc_trim);
+    a block that is reused later is faulted in again. Nothing happens without glibc.
+
+    With freed memory kept (`keep_freed_host_memory`), the heap's resident size only grows,
+    and aligned blocks fragment it: `Restorer` calls this once per input shape, before the
+    network's full-resolution stage, so that stage does not stack its features on top of
+    the resident holes that stages 1 and 2 left.
+    """
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 class _MallocInfo(ctypes.Structure):
     """glibc's `struct mallinfo2`; `fordblks` is the freed memory malloc holds for reuse."""
 
@@ -147,7 +161,9 @@ class _MallocInfo(ctypes.Structure):
 
 
 def kept_free_bytes() -> int:
-    """Memory this process has freed but malloc keeps (glibc 2.33 or newer; else 0)."""
+    """Memory this process has freed but malloc keeps (glibc 2.33 or newer; else 0). After
+    `release_freed_host_memory` part of it is no longer resident, and counted twice by
+    `available_ram`: at most the heap's free space, a small share of the budget."""
     libc = _glibc()
     if libc is None or not hasattr(libc, "mallinfo2"):
         return 0
@@ -166,6 +182,7 @@ def _glibc() -> ctypes.CDLL | None:
         return None
     libc = ctypes.CDLL(None)
     libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
     if hasattr(libc, "mallinfo2"):  # glibc 2.33 or newer
         libc.mallinfo2.restype = _MallocInfo
     return libc

@@ -125,6 +125,32 @@ def test_freed_host_memory_is_reused_without_page_faults_and_counted_as_availabl
     assert freed >= 39 << 20  # the freed 40 MiB map is kept, and counted
 
 
+_RELEASE_PROBE = """
+import sys, torch
+from mprnet_cli import devices
+if not devices.keep_freed_host_memory():
+    sys.exit("not kept")
+def resident() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+hole = torch.ones(100 << 20, dtype=torch.uint8)  # touched: resident
+above = torch.ones(1 << 20, dtype=torch.uint8)  # keeps the hole off the top of the heap
+del hole
+kept = resident()
+devices.release_freed_host_memory()
+print(kept - resident())
+"""
+
+
+@pytest.mark.skipif(devices._glibc() is None, reason="glibc's malloc only")
+def test_released_memory_leaves_the_resident_set_even_from_inside_the_heap() -> None:
+    done = subprocess.run([sys.executable, "-c", _RELEASE_PROBE], capture_output=True, text=True, check=False)
+    if done.stderr.strip() == "not kept":
+        pytest.skip("this glibc refused the settings")
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) >= 95 << 20  # the 100 MiB hole, less a few pages
+
+
 def test_available_ram_adds_what_malloc_keeps(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(devices, "_kernel_available_ram", lambda: 1000)
     monkeypatch.setattr(devices, "kept_free_bytes", lambda: 24)
@@ -136,3 +162,4 @@ def test_nothing_is_changed_without_glibc(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(devices, "_glibc", lambda: None)
     assert devices.keep_freed_host_memory() is False
     assert devices.kept_free_bytes() == 0
+    devices.release_freed_host_memory()  # does nothing, and does not fail

@@ -231,6 +231,18 @@ def test_auto_tiles_per_batch_on_cuda_fill_the_free_memory(monkeypatch: pytest.M
     assert restorer.tile_shape_for(1080, 1920) is None  # no CPU latency cap on a GPU: 6.5 MP fit
 
 
+
+def test_freed_host_memory_is_released_before_stage_3_once_per_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _identity_model()
+    stages: list[str] = []
+    model.stage3_orsnet.register_forward_hook(lambda *_: stages.append("stage 3"))
+    monkeypatch.setattr(restorer_module, "release_freed_host_memory", lambda: stages.append("release"))
+    restorer = Restorer(model, device="cpu", tile=0)
+    for height in (40, 40, 48):
+        restorer.restore(np.zeros((height, 40, 3), dtype=np.uint8))
+    Restorer(model, device="cpu", tile=0).restore(np.zeros((40, 40, 3), dtype=np.uint8))  # same model
+    assert stages == ["release", "stage 3", "stage 3", "release", "stage 3", "stage 3"]
+
 def _on_cuda(precision: str) -> Restorer:
     restorer = Restorer(_identity_model(), device="cpu", precision=precision)
     restorer.device = torch.device("cuda")  # the settings are flags of the CPU build too

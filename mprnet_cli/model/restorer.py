@@ -21,6 +21,7 @@ from torch import Tensor
 from mprnet_cli.devices import (
     is_out_of_memory,
     keep_freed_host_memory,
+    release_freed_host_memory,
     memory_budget,
     resolve_device,
     resolve_precision,
@@ -142,6 +143,7 @@ class Restorer:
         self.model = model.eval().to(device=self.device, dtype=self.dtype, memory_format=torch.channels_last)
         if self.device.type == "cpu":
             keep_freed_host_memory()  # no page faults for every feature map (see its docstring)
+            _release_freed_memory_before_stage3(self.model)
         self.tile, self.tile_overlap, self.tile_blend, self.tile_batch = tile, tile_overlap, tile_blend, tile_batch
         self._bytes_per_pixel: float | None = None
 
@@ -342,6 +344,26 @@ class Restorer:
             image = image.convert(mode)
         restored = self.restore_array(np.asarray(image), progress)
         return Image.fromarray(restored)
+
+
+def _release_freed_memory_before_stage3(model: MPRNet) -> None:
+    """On the first forward of each input shape, hand the heap's freed pages back to the OS
+    just before stage 3 (see `release_freed_host_memory`). A deblur forward at 512x512 in
+    bf16 then peaked at 3.3 to 4.2 GB RSS per megapixel (7 fresh processes), against 4.0 to
+    5.7 without (9), in the same time; done before every forward instead, it cost 150,000
+    to 210,000 page faults and 0.3 to 0.4 s each. One hook per model, however many
+    Restorers share it."""
+    if getattr(model, "_releases_freed_memory", False):
+        return
+    shapes_seen: set[torch.Size] = set()
+
+    def before_stage3(_module: torch.nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        if inputs[0].shape not in shapes_seen:
+            shapes_seen.add(inputs[0].shape)
+            release_freed_host_memory()
+
+    model.stage3_orsnet.register_forward_pre_hook(before_stage3)
+    model._releases_freed_memory = True
 
 
 def _halve(shape: tuple[int, int], what: str) -> tuple[int, int]:
