@@ -98,7 +98,8 @@ def estimate_bytes_per_pixel(config: MPRNetConfig, dtype: torch.dtype) -> float:
 #: width), at the precision's element size: measured 7.7 to 10.9 in fp32 and 9.8 to 11.8
 #: in bf16 across the three published widths, with freed memory kept for reuse (glibc's
 #: heap then holds up to about 2.6 times the live maps, see
-#: `mprnet_cli.devices.keep_freed_host_memory`).
+#: `mprnet_cli.devices.keep_freed_host_memory`). Measured before the freed pages were handed
+#: back ahead of stage 3, which lowers the peak: a bound now rather than a fit.
 ACTIVATION_COPIES = 12.0
 
 _INTEGER_SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
@@ -121,7 +122,8 @@ class Restorer:
 
     On the CPU, constructing one makes the process's malloc keep freed memory for reuse
     (`mprnet_cli.devices.keep_freed_host_memory`): about 10% faster forwards, and the RSS
-    stays at its peak until the process exits.
+    stays at its peak until the process exits. To keep that peak down, the freed pages are
+    handed back once per input shape, before stage 3 (a forward pre-hook on the model).
     """
 
     def __init__(
@@ -349,10 +351,10 @@ class Restorer:
 def _release_freed_memory_before_stage3(model: MPRNet) -> None:
     """On the first forward of each input shape, hand the heap's freed pages back to the OS
     just before stage 3 (see `release_freed_host_memory`). A deblur forward at 512x512 in
-    bf16 then peaked at 3.3 to 4.2 GB RSS per megapixel (7 fresh processes), against 4.0 to
-    5.7 without (9), in the same time; done before every forward instead, it cost 150,000
-    to 210,000 page faults and 0.3 to 0.4 s each. One hook per model, however many
-    Restorers share it."""
+    bf16 then peaked at 3.3 to 4.6 GB RSS per megapixel (11 fresh processes), against 4.0
+    to 5.7 without (13), in the same time (14.36 against 14.29 s over 4 interleaved pairs);
+    done before every forward instead, it cost 150,000 to 210,000 page faults and 0.3 to
+    0.4 s each. One hook per model, however many Restorers share it."""
     if getattr(model, "_releases_freed_memory", False):
         return
     shapes_seen: set[torch.Size] = set()
