@@ -22,11 +22,10 @@ Memory: peak RSS of the whole process, and the forward's share of it per megapix
 minus the RSS before the first forward: the model and imports excluded). With `--device
 cuda`, the same from `torch.cuda.max_memory_allocated` instead of RSS, and the CPU
 runtimes (onnxruntime, openvino) are left out; the peak is that of the timed runs, after
-the warm-up, whose first call per shape lets cuDNN try kernels with whatever workspace they
-ask for (gigabytes in fp32). On CUDA, *published* runs with PyTorch's
-defaults, as the authors' demo does: cuDNN may use TF32 for its fp32 convolutions,
-while `mprnet --precision fp32` does not (the exact reference). *compiled* adds CUDA
-graphs there.
+the warm-up, whose first call per shape lets cuDNN try kernels with whatever workspace
+they ask for (gigabytes in fp32). On CUDA, *published* runs with PyTorch's defaults, as
+the authors' demo does: cuDNN may use TF32 for its fp32 convolutions, while `mprnet
+--precision fp32` does not (the exact reference). *compiled* adds CUDA graphs there.
 
 Seeded random weights: speed does not depend on their values. GFLOP/s counts the
 published network's FLOPs for the image itself (torch's FLOP counter, 2 per multiply-add),

@@ -21,8 +21,8 @@ from torch import Tensor
 from mprnet_cli.devices import (
     is_out_of_memory,
     keep_freed_host_memory,
-    release_freed_host_memory,
     memory_budget,
+    release_freed_host_memory,
     resolve_device,
     resolve_precision,
 )
@@ -271,7 +271,7 @@ class Restorer:
         side = 256
         probe = torch.zeros(1, 3, side, side)
         self.restore_tensor(probe)
-        torch.cuda.empty_cache()  # the trials' memory, which free memory would count as used
+        _release_cached_memory(self.device)  # the trials' memory, which free memory would count as used
         torch.cuda.synchronize(self.device)
         before = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
