@@ -46,6 +46,25 @@ def test_fp32_on_cuda_matches_the_authors_code(size: str) -> None:
     np.testing.assert_allclose(restored[0].numpy(), expected["stage3"].clip(0, 1), atol=1e-5, rtol=0)
 
 
+@pytest.mark.skipif(not hasattr(torch.backends.cudnn, "conv"), reason="PyTorch before 2.9: no per-operator setting")
+@pytest.mark.parametrize("owner", ["cudnn.conv", "cuda.matmul", "backends"])
+def test_fp32_stays_exact_when_the_caller_turned_tf32_on(owner: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The caller's TF32 (for their convolutions, their matrix products, or everything) is
+    not used by our forward, and their setting is left as they made it."""
+    settings = {"cudnn.conv": torch.backends.cudnn.conv, "cuda.matmul": torch.backends.cuda.matmul,
+                "backends": torch.backends}[owner]
+    monkeypatch.setattr(settings, "fp32_precision", "tf32")
+    expected = np.load(PARITY / "expected_64x48.npz")
+    image = torch.from_numpy(expected["padded_input"])[None]
+    restorer = Restorer.from_checkpoint(TINY_CHECKPOINT, device="cuda", precision="fp32", tile=0)
+    with torch.inference_mode():  # the caller's own forward does run in TF32
+        loose = restorer.model(image.cuda().contiguous(memory_format=torch.channels_last))[0].clamp(0, 1).cpu()
+    assert np.abs(loose[0].numpy() - expected["stage3"].clip(0, 1)).max() > 1e-5
+    restored = restorer.restore_tensor(image)
+    np.testing.assert_allclose(restored[0].numpy(), expected["stage3"].clip(0, 1), atol=1e-5, rtol=0)
+    assert settings.fp32_precision == "tf32"
+
+
 def test_auto_precision_on_cuda_is_bf16_within_45_db_of_fp32() -> None:
     _, noisy = noisy_photo(256, 320)
     exact = Restorer.from_checkpoint(CHECKPOINT, device="cuda", precision="fp32", tile=0).restore(noisy)

@@ -308,13 +308,17 @@ class OriginalResolutionSubnet(nn.Module):
 
     def _folded(self, path: str, level: int) -> tuple[Tensor, Tensor | None]:
         """Weight and bias of `conv_<path><level+1>` after the 1x1 convolutions of
-        `up_<path><level>`, multiplied into one 1x1 convolution (in fp32, then cast)."""
+        `up_<path><level>`, multiplied into one 1x1 convolution, then cast. The product is
+        taken in float64, which CUDA never runs in TF32, whatever the caller allowed for fp32
+        matrix products (on an H100, `torch.backends.fp32_precision = "tf32"` moved the fp32
+        parity fixture by 7e-5); in float32 on Apple's MPS, which has no float64 and no TF32."""
         last = getattr(self, f"conv_{path}{level + 1}")
-        weight = last.weight.flatten(1).float()
+        exact = torch.float32 if last.weight.device.type == "mps" else torch.float64
+        weight = last.weight.flatten(1).to(exact)
         if level:
             upsamples = getattr(self, f"up_{path}{level}")
             for upsample in reversed(upsamples if isinstance(upsamples, nn.Sequential) else [upsamples]):
-                weight = weight @ upsample.up[1].weight.flatten(1).float()
+                weight = weight @ upsample.up[1].weight.flatten(1).to(exact)
         return weight.to(last.weight.dtype)[..., None, None], last.bias
 
 
