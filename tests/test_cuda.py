@@ -88,12 +88,26 @@ def test_tiles_batched_on_cuda_equal_tiles_one_at_a_time() -> None:
     np.testing.assert_allclose(batched.restore(noisy), single.restore(noisy), atol=1e-4, rtol=0)
 
 
+def test_tiles_replayed_from_a_cuda_graph_equal_eager_ones(caplog: pytest.LogCaptureFixture) -> None:
+    """Small tiles of one shape are launch-bound: their graph is kept, and each replay's
+    output is copied out before the next tile (or image) overwrites it."""
+    _, noisy = noisy_photo(200, 264)
+    images = [noisy, np.ascontiguousarray(noisy[::-1])]
+    options = {"device": "cuda", "precision": "fp32", "tile": 64, "tile_batch": 1}
+    eager = Restorer.from_checkpoint(CHECKPOINT, cuda_graphs=False, **options)
+    graphed = Restorer.from_checkpoint(CHECKPOINT, **options)
+    with caplog.at_level(logging.DEBUG, logger="mprnet"):
+        for image in images:
+            np.testing.assert_allclose(graphed.restore(image), eager.restore(image), atol=1e-6, rtol=0)
+    assert "CUDA graph for (1, 3, 64, 64)" in caplog.text and "replayed: kept" in caplog.text
+
+
 @pytest.mark.parametrize("precision", ["auto", "fp32"])
 def test_the_memory_probe_bounds_a_larger_forward(precision: str) -> None:
     """Auto tiling sizes tiles from a forward at 256x256: it must not under-estimate larger
     ones, nor count the workspaces that cuDNN tries once per shape."""
     torch.manual_seed(0)
-    restorer = Restorer(MPRNet(TASK_CONFIGS["derain"]), device="cuda", precision=precision)
+    restorer = Restorer(MPRNet(TASK_CONFIGS["derain"]), device="cuda", precision=precision, cuda_graphs=False)
     per_pixel = restorer.bytes_per_pixel()
     image = torch.rand(1, 3, 512, 768)
     restorer.restore_tensor(image)  # cuDNN's first call per shape tries its kernels' workspaces

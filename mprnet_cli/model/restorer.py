@@ -28,6 +28,7 @@ from mprnet_cli.devices import (
 )
 from mprnet_cli.errors import DeviceError
 from mprnet_cli.model.config import MPRNetConfig
+from mprnet_cli.model.graphs import GraphReplay
 from mprnet_cli.model.network import SIZE_MULTIPLE, MPRNet
 from mprnet_cli.tiling import (
     DEFAULT_BLEND,
@@ -80,6 +81,9 @@ CPU_TILE_CAP = 512
 MAX_TILE_BATCH = 16
 #: Head-room over the measured probe peak (allocator fragmentation, cuDNN workspaces).
 PROBE_SAFETY = 1.25
+#: A shape is tried as a CUDA graph only when its forward needs at most this share of the
+#: memory budget: a kept graph holds that memory (`mprnet_cli.model.graphs`).
+GRAPH_MEMORY_SHARE = 0.1
 
 
 def estimate_bytes_per_pixel(config: MPRNetConfig, dtype: torch.dtype) -> float:
@@ -120,6 +124,11 @@ class Restorer:
     (see `mprnet_cli.tiling`). `tile_batch` tiles go through the network per call (None:
     as many as the device has room for).
 
+    On CUDA, a shape that repeats (tiles of one size, images of one size) is replayed from
+    a CUDA graph where that measured faster: small forwards, whose kernels take less time
+    to run than to launch (`mprnet_cli.model.graphs`); `cuda_graphs=False` runs every
+    forward eagerly, as does the restorer from its first out-of-memory error on.
+
     On the CPU, constructing one makes the process's malloc keep freed memory for reuse
     (`mprnet_cli.devices.keep_freed_host_memory`): about 10% faster forwards, and the RSS
     stays at its peak until the process exits. To keep that peak down, the freed pages are
@@ -136,6 +145,7 @@ class Restorer:
         tile_overlap: int = DEFAULT_OVERLAP,
         tile_blend: str = DEFAULT_BLEND,
         tile_batch: int | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
         check_tile_options(tile, tile_overlap, tile_blend)
         if tile_batch is not None and tile_batch < 1:
@@ -148,6 +158,8 @@ class Restorer:
             _release_freed_memory_before_stage3(self.model)
         self.tile, self.tile_overlap, self.tile_blend, self.tile_batch = tile, tile_overlap, tile_blend, tile_batch
         self._bytes_per_pixel: float | None = None
+        use_graphs = cuda_graphs and self.device.type == "cuda"
+        self._graphs = GraphReplay(self.model, self.device, self._graph_fits) if use_graphs else None
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, task: str | None = None, **options: object) -> Restorer:
@@ -162,9 +174,10 @@ class Restorer:
         published recipe; the result is float32 on the CPU."""
         height, width = image.shape[-2:]
         image = image.to(device=self.device, dtype=self.dtype).contiguous(memory_format=torch.channels_last)
+        forward = self.model if self._graphs is None else self._graphs
         with self.cudnn_settings():
-            restored = self.model(pad_to_multiple(image))[0][..., :height, :width]
-        return restored.float().clamp_(0.0, 1.0).cpu()
+            restored = forward(pad_to_multiple(image))[0][..., :height, :width]
+        return restored.float().clamp_(0.0, 1.0).cpu()  # copies out of a graph's buffers
 
     @contextlib.contextmanager
     def cudnn_settings(self) -> Iterator[None]:
@@ -269,15 +282,21 @@ class Restorer:
         forward at 512x512 in fp32 on an H100 peaked at 19.9 GB the first time, 1.1 GB the
         second)."""
         side = 256
-        probe = torch.zeros(1, 3, side, side)
-        self.restore_tensor(probe)
-        _release_cached_memory(self.device)  # the trials' memory, which free memory would count as used
-        torch.cuda.synchronize(self.device)
-        before = torch.cuda.memory_allocated(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        self.restore_tensor(probe)
+        probe = torch.zeros(1, 3, side, side, device=self.device, dtype=self.dtype)
+        probe = probe.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), self.cudnn_settings():  # eager: a graph would keep the memory
+            self.model(probe)
+            _release_cached_memory(self.device)  # the trials' memory, which free memory would count as used
+            torch.cuda.synchronize(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.model(probe)
         peak = torch.cuda.max_memory_allocated(self.device) - before
         return PROBE_SAFETY * peak / (side * side)
+
+    def _graph_fits(self, batch: Tensor) -> bool:
+        pixels = batch.shape[0] * batch.shape[-2] * batch.shape[-1]
+        return pixels * self.bytes_per_pixel() <= GRAPH_MEMORY_SHARE * memory_budget(self.device)
 
     def _restore_tiles(self, cut: TileCutter, height: int, width: int, shape: tuple[int, int], overlap: int,
                        progress: Progress | None) -> Tensor:
@@ -325,6 +344,9 @@ class Restorer:
             # The allocator's own account (MPRNET_DEBUG=1 shows it), as text: a record that
             # held the error would hold its traceback too.
             logger.debug("%s", str(error))
+        if self._graphs is not None:  # the device is short of memory: none for graphs to keep
+            logger.debug("CUDA graphs off after running out of memory")
+            self._graphs = None
         _release_cached_memory(self.device)
         return None
 
