@@ -158,8 +158,9 @@ class Restorer:
             _release_freed_memory_before_stage3(self.model)
         self.tile, self.tile_overlap, self.tile_blend, self.tile_batch = tile, tile_overlap, tile_blend, tile_batch
         self._bytes_per_pixel: float | None = None
-        use_graphs = cuda_graphs and self.device.type == "cuda"
-        self._graphs = GraphReplay(self.model, self.device, self._graph_fits) if use_graphs else None
+        # Not on ROCm, which PyTorch also calls "cuda": measured on NVIDIA GPUs only.
+        use_graphs = cuda_graphs and self.device.type == "cuda" and torch.version.hip is None
+        self._graphs = GraphReplay(self.device) if use_graphs else None
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, task: str | None = None, **options: object) -> Restorer:
@@ -174,10 +175,12 @@ class Restorer:
         published recipe; the result is float32 on the CPU."""
         height, width = image.shape[-2:]
         image = image.to(device=self.device, dtype=self.dtype).contiguous(memory_format=torch.channels_last)
-        forward = self.model if self._graphs is None else self._graphs
+        padded = pad_to_multiple(image)
         with self.cudnn_settings():
-            restored = forward(pad_to_multiple(image))[0][..., :height, :width]
-        return restored.float().clamp_(0.0, 1.0).cpu()  # copies out of a graph's buffers
+            outputs = self.model(padded) if self._graphs is None else self._graphs(self.model, padded, self._graph_fits)
+        # From a graph, `outputs` are its own buffers (in fp32 clamp_ writes into them);
+        # .cpu() copies the result off the device before the next replay can overwrite it.
+        return outputs[0][..., :height, :width].float().clamp_(0.0, 1.0).cpu()
 
     @contextlib.contextmanager
     def cudnn_settings(self) -> Iterator[None]:
