@@ -26,9 +26,10 @@ minus the RSS before the first forward: the model and imports excluded). With `-
 cuda`, the same from `torch.cuda.max_memory_allocated` instead of RSS, and the CPU
 runtimes (onnxruntime, openvino) are left out; the peak is that of the timed runs, after
 two warm-up calls: on the first, cuDNN tries kernels with whatever workspace they ask for
-(gigabytes in fp32), on the second the default path tries a CUDA graph. On CUDA, *published* runs with PyTorch's defaults, as
-the authors' demo does: cuDNN may use TF32 for its fp32 convolutions, while `mprnet
---precision fp32` does not (the exact reference). *compiled* adds CUDA graphs there.
+(gigabytes in fp32), on the second the default path tries a CUDA graph. On CUDA,
+*published* runs with PyTorch's defaults, as the authors' demo does: cuDNN may use TF32
+for its fp32 convolutions, while `mprnet --precision fp32` does not (the exact
+reference). *compiled* adds CUDA graphs there.
 
 Seeded random weights: speed does not depend on their values. GFLOP/s counts the
 published network's FLOPs for the image itself (torch's FLOP counter, 2 per multiply-add),

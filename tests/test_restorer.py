@@ -231,7 +231,6 @@ def test_auto_tiles_per_batch_on_cuda_fill_the_free_memory(monkeypatch: pytest.M
     assert restorer.tile_shape_for(1080, 1920) is None  # no CPU latency cap on a GPU: 6.5 MP fit
 
 
-
 def test_freed_host_memory_is_released_before_stage_3_once_per_shape(monkeypatch: pytest.MonkeyPatch) -> None:
     model = _identity_model()
     stages: list[str] = []
@@ -242,6 +241,7 @@ def test_freed_host_memory_is_released_before_stage_3_once_per_shape(monkeypatch
         restorer.restore(np.zeros((height, 40, 3), dtype=np.uint8))
     Restorer(model, device="cpu", tile=0).restore(np.zeros((40, 40, 3), dtype=np.uint8))  # same model
     assert stages == ["release", "stage 3", "stage 3", "release", "stage 3", "stage 3"]
+
 
 def _on_cuda(precision: str) -> Restorer:
     restorer = Restorer(_identity_model(), device="cpu", precision=precision)

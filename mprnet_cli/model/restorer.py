@@ -255,7 +255,7 @@ class Restorer:
         """
         if self.tile is not None:
             return (self.tile, self.tile) if self.tile else None
-        pixels = memory_budget(self.device) / self.bytes_per_pixel()
+        pixels = self._pixels_that_fit()
         if self.device.type == "cpu":
             pixels = min(pixels, CPU_TILE_CAP**2)
         return plan_tile_shape(height, width, pixels, self.tile_overlap)
@@ -266,8 +266,12 @@ class Restorer:
             return self.tile_batch
         if self.device.type == "cpu":
             return 1
-        fits = int(memory_budget(self.device) / (self.bytes_per_pixel() * shape[0] * shape[1]))
+        fits = int(self._pixels_that_fit() / (shape[0] * shape[1]))
         return max(1, min(MAX_TILE_BATCH, fits))
+
+    def _pixels_that_fit(self) -> float:
+        """Input pixels that one forward may take now, by the memory budget."""
+        return memory_budget(self.device) / self.bytes_per_pixel()
 
     def bytes_per_pixel(self) -> float:
         """Peak device memory per input pixel of one forward: measured with a probe on CUDA,
@@ -298,8 +302,7 @@ class Restorer:
         return PROBE_SAFETY * peak / (side * side)
 
     def _graph_fits(self, batch: Tensor) -> bool:
-        pixels = batch.shape[0] * batch.shape[-2] * batch.shape[-1]
-        return pixels * self.bytes_per_pixel() <= GRAPH_MEMORY_SHARE * memory_budget(self.device)
+        return batch.shape[0] * batch.shape[-2] * batch.shape[-1] <= GRAPH_MEMORY_SHARE * self._pixels_that_fit()
 
     def _restore_tiles(self, cut: TileCutter, height: int, width: int, shape: tuple[int, int], overlap: int,
                        progress: Progress | None) -> Tensor:
