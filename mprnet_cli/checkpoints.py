@@ -9,6 +9,7 @@ needs arbitrary code to load is refused rather than run.
 from __future__ import annotations
 
 import pickle
+import struct
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -49,8 +50,9 @@ def _read_safetensors(path: Path) -> Mapping[str, Tensor]:
 def _read_pickle(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
+    except (pickle.UnpicklingError, KeyError, IndexError, struct.error) as error:
         # weights_only refuses globals it does not know: the file wants code run to load.
+        # The others come from text or other bytes read as pickle opcodes.
         if "Unsupported global" in str(error):
             raise CheckpointError(
                 f"{path} needs arbitrary code to load, which mprnet refuses for safety; "

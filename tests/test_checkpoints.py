@@ -82,7 +82,13 @@ def test_truncated_file(tmp_path: Path) -> None:
         read_state_dict(path)
 
 
-@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all\n", b"\x89PNG\r\n\x1a\n" + bytes(64)])
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"not a checkpoint at all\n", b"\x89PNG\r\n\x1a\n" + bytes(64),
+     # Text whose first byte is a pickle opcode: a memo lookup (KeyError), a pop from the
+     # empty stack (IndexError), a 4-byte length cut short (struct.error).
+     b"hello world\n", b"all good\n", b"J\x00"],
+)
 def test_not_a_checkpoint(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "x.pth"
     path.write_bytes(content)
