@@ -83,6 +83,12 @@ def decode_image(data: bytes, label: str, max_pixels: int | None = None) -> Pict
         tiff_exif = _tiff_descriptive_exif(image) if image.format == "TIFF" else None
         image = ImageOps.exif_transpose(image)
         exif = tiff_exif or image.info.get("exif") or None
+        if image.mode == "CMYK":
+            # The pixels become RGB, which a CMYK profile cannot describe: keeping it would
+            # make colour-managed viewers reject the output or misread its colours.
+            logger.warning("%s: CMYK is converted to RGB without colour management%s", label,
+                           "; its CMYK colour profile is dropped" if icc_profile else "")
+            image, icc_profile = image.convert("RGB"), None
         pixels = _decode_sixteen_bit(data, orientation) if sixteen_bit_color else _pil_pixels(image, label)
     except UnidentifiedImageError:
         if data.startswith(_IMAGE_SIGNATURES):
@@ -151,7 +157,11 @@ def format_for(path: Path) -> str:
     """The Pillow format name for an output path's extension."""
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
-        raise OutputError(f"{path}: unknown output format {path.suffix!r}; use one of {', '.join(sorted(FORMATS))}")
+        known = ", ".join(sorted(FORMATS))
+        if not path.suffix:
+            raise OutputError(f"{path}: no extension to choose the output format by ({known}); "
+                              f"for a directory, write {path}/")
+        raise OutputError(f"{path}: unknown output format {path.suffix!r}; use one of {known}")
     return fmt
 
 

@@ -157,6 +157,18 @@ def test_output_format_comes_from_the_extension() -> None:
     ]
     with pytest.raises(OutputError, match=r"a.gif: unknown output format '.gif'"):
         format_for(Path("a.gif"))
+    with pytest.raises(OutputError, match=r"^out: no extension to choose the output format by .*; for a directory, write out/$"):
+        format_for(Path("out"))
+
+
+def test_cmyk_becomes_rgb_without_its_cmyk_profile(caplog: pytest.LogCaptureFixture) -> None:
+    """A CMYK profile cannot describe the RGB pixels written out; viewers would reject it."""
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    buffer = io.BytesIO()
+    Image.new("CMYK", (8, 6), (0, 255, 255, 0)).save(buffer, "JPEG", icc_profile=profile)
+    picture = decode_image(buffer.getvalue(), "ink.jpg")
+    assert picture.pixels.shape == (6, 8, 3) and picture.icc_profile is None
+    assert "ink.jpg: CMYK is converted to RGB without colour management; its CMYK colour profile is dropped" in caplog.text
 
 
 def test_write_atomic_replaces_the_whole_file(tmp_path: Path) -> None:
