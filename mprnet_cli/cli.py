@@ -82,17 +82,35 @@ def _parse_tile(value: str) -> int | None:
     if text == "auto":
         return None
     if not text.isdigit():
-        raise typer.BadParameter(f"{value!r}: expected auto, 0 (whole image) or a tile size in pixels")
+        raise typer.BadParameter(f"{value!r}: expected auto, 0 (whole image) or a tile size in pixels",
+                                 param_hint="'--tile'")
     return int(text)
 
 
 def _check_tiling(tile: int | None, overlap: int, blend: str) -> None:
-    from mprnet_cli.tiling import check_tile_options
+    from mprnet_cli.tiling import TileOptionError, check_tile_options
 
     try:
         check_tile_options(tile, overlap, blend)
-    except ValueError as error:
-        raise typer.BadParameter(str(error)) from None
+    except TileOptionError as error:
+        raise typer.BadParameter(str(error), param_hint=f"'--{error.option.replace('_', '-')}'") from None
+
+
+def _check_suffix(suffix: str | None) -> None:
+    if suffix is not None and any(separator in suffix for separator in {"/", os.sep}):
+        raise typer.BadParameter(f"{suffix!r}: a suffix is added to file names and cannot hold a path separator",
+                                 param_hint="'--suffix'")
+
+
+def _check_terminals(jobs: list[Job]) -> None:
+    """Refuse to wait for an image typed at a terminal, or to print one onto it."""
+    from mprnet_cli.errors import InputError, OutputError
+    from mprnet_cli.pipeline import STDIO
+
+    if any(job.source == STDIO for job in jobs) and sys.stdin is not None and sys.stdin.isatty():
+        raise InputError("standard input is a terminal; pipe an image in (cat photo.png | mprnet ...) or name a file")
+    if any(job.target == STDIO for job in jobs) and sys.stdout is not None and sys.stdout.isatty():
+        raise OutputError("standard output is a terminal; redirect it (> restored.png) or give -o a file name")
 
 
 Inputs = Annotated[
@@ -102,7 +120,8 @@ Inputs = Annotated[
 OutputOption = Annotated[
     Optional[str],
     typer.Option("-o", "--output", help="Output file (format from its extension), a directory (for several inputs), "
-                 "or - for standard output. Default: beside each input, with a task suffix (photo_deblurred.jpg)."),
+                 "or - for standard output. Default: beside each input, with the task's suffix (photo.jpg -> "
+                 "photo_deblurred.jpg, _derained, _denoised)."),
 ]
 WeightsOption = Annotated[
     Optional[str],
@@ -115,7 +134,8 @@ PrecisionOption = Annotated[
                       "CPUs with AVX-512 BF16 or AMX), else fp32. fp32: the exact reference. bf16. fp16: GPU only.")
 ]
 TileOption = Annotated[
-    str, typer.Option("--tile", "-t", help="Tile size in pixels (multiple of 8, >= 32); 0 runs the whole image at once; "
+    str, typer.Option("--tile", "-t", help="Tile size in pixels: a multiple of 8, at least 32 and at least twice "
+                      "--tile-overlap (four times with split); 0 runs the whole image at once; "
                       "auto: the whole image when it fits in memory, else the fewest tiles that do (at most 512x512 on the CPU).")
 ]
 TileOverlapOption = Annotated[int, typer.Option("--tile-overlap", min=0, help="Pixels of overlap between tiles.")]
@@ -298,15 +318,18 @@ def _make_task_command(task: str):  # noqa: ANN202 - Typer reads the signature o
         quality: QualityOption = 95,
         quiet: QuietOption = False,
     ) -> None:
-        tile_size = _parse_tile(tile)
-        _check_tiling(tile_size, tile_overlap, tile_blend)
         _configure_logging(quiet)
         with _user_errors():
+            tile_size = _parse_tile(tile)
+            _check_tiling(tile_size, tile_overlap, tile_blend)
+            _check_suffix(suffix)
             from mprnet_cli import pipeline
 
+            pipeline.check_device_options(device, precision)
             extension = pipeline.normalise_extension(ext)
             naming = pipeline.OutputNaming(task, output, suffix, extension, overwrite, recursive)
             plan = pipeline.plan_jobs(inputs, naming)
+            _check_terminals(plan.jobs)
             _report_skipped(plan.skipped)
             if not plan.jobs:
                 logger.info("nothing to do: every output exists (use --overwrite to redo them)")
@@ -322,14 +345,12 @@ def _make_task_command(task: str):  # noqa: ANN202 - Typer reads the signature o
 
 def _run_batch(restorer: Restorer, plan: Plan, quality: int, max_pixels: int | None, extension: str | None,
                quiet: bool, fail_fast: bool) -> None:
-    from pathlib import Path
-
     from mprnet_cli import pipeline
-    from mprnet_cli.imageio import format_for
+    from mprnet_cli.imageio import FORMATS
 
     jobs = plan.jobs
     report = _Report(len(jobs), quiet)
-    stdout_format = format_for(Path(f"x{extension}")) if extension else "PNG"
+    stdout_format = FORMATS[extension] if extension else "PNG"
     interrupted = False
     first_error = None
     _interrupt_on_sigterm()
@@ -496,6 +517,8 @@ def main() -> None:
             raise
         if type(error).__name__ != "NoArgsIsHelpError":  # its help text is already printed
             message = " ".join(error.format_message().split())
-            typer.echo(f"error: {message} (see `mprnet --help`)", err=True)
+            context = getattr(error, "ctx", None)
+            command = context.command_path if context is not None else "mprnet"
+            typer.echo(f"error: {message} (see `{command} --help`)", err=True)
         sys.exit(error.exit_code)
     sys.exit(result if isinstance(result, int) else 0)

@@ -12,6 +12,7 @@ however many files there are.
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import queue
 import sys
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from mprnet_cli.devices import resolve_device
+from mprnet_cli.devices import resolve_device, resolve_precision
 from mprnet_cli.errors import InputError, MprnetError, OutputError
 from mprnet_cli.imageio import FORMATS, Picture, decode_image, encode_image, format_for, read_image, write_atomic
 from mprnet_cli.model.restorer import Progress, Restorer
@@ -31,6 +32,8 @@ from mprnet_cli.tiling import DEFAULT_BLEND, DEFAULT_OVERLAP
 from mprnet_cli.weights import resolve_checkpoint
 
 STDIO = "-"
+
+logger = logging.getLogger("mprnet")
 
 TASK_SUFFIXES = {"deblur": "_deblurred", "derain": "_derained", "denoise": "_denoised"}
 
@@ -142,7 +145,9 @@ def normalise_extension(extension: str | None) -> str | None:
     if extension is None or extension.lower() == "auto":
         return None
     extension = "." + extension.lower().lstrip(".")
-    format_for(Path(f"x{extension}"))
+    if extension not in FORMATS:
+        raise OutputError(f"--ext {extension[1:]}: not a format mprnet writes; use one of "
+                          f"{', '.join(sorted(e[1:] for e in FORMATS))}")
     return extension
 
 
@@ -166,6 +171,7 @@ def plan_jobs(inputs: list[str], naming: OutputNaming) -> Plan:
         raise OutputError("-o - writes one image to standard output; give one input, or an output directory")
 
     jobs, seen = [], {}
+    inputs_by_path = {source.resolve(): source for source, _ in sources}
     for source, relative in sources:
         target = _target_for(source, relative, directory, naming)
         if target != STDIO:
@@ -173,13 +179,17 @@ def plan_jobs(inputs: list[str], naming: OutputNaming) -> Plan:
             if resolved == source.resolve():
                 raise OutputError(f"{target}: refusing to overwrite the input; choose another output name or --suffix")
             if resolved in seen:
-                raise OutputError(f"{seen[resolved]} and {source} would both be written to {target}; use --suffix or --ext")
+                raise OutputError(f"{seen[resolved]} and {source} would both be written to {target}; "
+                                  "rename one, or restore them in separate runs")
             seen[resolved] = source
             if Path(target).is_dir():
                 raise OutputError(f"{target}: is a directory; give a file name")
             if Path(target).exists() and not naming.overwrite:
                 skipped.append((str(source), f"{target} exists (use --overwrite to redo it)"))
                 continue
+            if resolved in inputs_by_path:  # another input, which the batch may not have read yet
+                raise OutputError(f"{source} would be written over {inputs_by_path[resolved]}, another input; "
+                                  "choose another --suffix or an output directory")
         jobs.append(Job(str(source), target))
     return Plan(jobs, skipped)
 
@@ -207,7 +217,13 @@ def _collect_sources(inputs: list[str], recursive: bool) -> tuple[list[tuple[Pat
                 skipped.append((str(path), "not an image"))
             else:
                 sources.append((path, relative))
-    return sources, skipped, batch
+    unique: dict[Path, tuple[Path, Path]] = {}
+    for path, relative in sources:
+        if path.resolve() in unique:
+            skipped.append((str(path), "named more than once"))
+        else:
+            unique[path.resolve()] = (path, relative)
+    return list(unique.values()), skipped, batch
 
 
 def _output_directory(output: str | None, batch: bool) -> Path | None:
@@ -218,6 +234,9 @@ def _output_directory(output: str | None, batch: bool) -> Path | None:
     if batch or path.is_dir() or output.endswith(("/", os.sep)):
         if path.exists() and not path.is_dir():
             raise OutputError(f"{output}: is a file; with several inputs or a directory, -o must be a directory")
+        if not path.exists() and path.suffix.lower() in FORMATS and not output.endswith(("/", os.sep)):
+            raise OutputError(f"{output}: several inputs need an output directory, not a file name "
+                              f"(for a directory of that name, write {output}/)")
         return path
     return None
 
@@ -226,13 +245,20 @@ def _target_for(source: Path, relative: Path, directory: Path | None, naming: Ou
     if naming.output == STDIO:
         return STDIO
     if directory is None and naming.output is not None:
-        format_for(Path(naming.output))
+        fmt = format_for(Path(naming.output))
+        if naming.extension and FORMATS[naming.extension] != fmt:
+            raise OutputError(f"--ext {naming.extension.lstrip('.')} contradicts -o {naming.output}; drop one of them")
         return naming.output
     suffix = naming.suffix if naming.suffix is not None else ("" if directory else TASK_SUFFIXES[naming.task])
     name = f"{source.stem}{suffix}{_extension_for(source, naming)}"
     if directory is None:
         return str(source.with_name(name))
     return str(directory / relative.parent / name)
+
+
+def check_device_options(device: str, precision: str) -> None:
+    """Raise DeviceError for a device or precision that cannot run here, before any planning."""
+    resolve_precision(precision, resolve_device(device))
 
 
 def load_restorer(
@@ -266,16 +292,36 @@ def _read(source: str, max_pixels: int | None) -> Picture:
 
 
 def _write(picture: Picture, target: str, stdout_format: str, quality: int) -> None:
-    if target == STDIO:
-        sys.stdout.buffer.write(encode_image(picture, stdout_format, quality))
-        sys.stdout.buffer.flush()
+    to_stdout = target == STDIO
+    fmt = stdout_format if to_stdout else format_for(Path(target))
+    try:
+        data = encode_image(picture, fmt, quality)
+    except (OSError, ValueError) as error:  # Pillow's encoders: size limits, unsupported modes
+        raise OutputError(f"{'stdout' if to_stdout else target}: cannot encode as {fmt} ({error})") from None
+    if to_stdout:
+        _write_stdout(data)
         return
     path = Path(target)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise OutputError(f"{path.parent}: cannot create the output directory ({error.strerror or error})") from None
-    write_atomic(path, encode_image(picture, format_for(path), quality))
+    write_atomic(path, data)
+
+
+def _write_stdout(data: bytes) -> None:
+    if sys.stdout is None:
+        raise OutputError("standard output is closed; give -o a file or a directory")
+    try:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    except OSError as error:
+        # Point descriptor 1 at /dev/null, or Python's own flush at exit fails again and
+        # prints a traceback of its own.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if isinstance(error, BrokenPipeError):
+            raise OutputError("stdout: the reading end of the pipe closed before the image was written") from None
+        raise OutputError(f"stdout: cannot write ({error.strerror or error})") from None
 
 
 _DONE = object()
@@ -320,6 +366,9 @@ class _Stages:
                 item.picture = _read(job.source, self._max_pixels)
             except MprnetError as error:
                 item.error = error
+            except Exception as error:  # a dead reader would stall the batch; keep it per image
+                logger.debug("reading %s failed", job.source, exc_info=True)
+                item.error = InputError(f"{job.source}: cannot read ({type(error).__name__}: {error})")
             if not self._put(self.decoded, item):
                 return
         self._put(self.decoded, _DONE)
@@ -332,7 +381,10 @@ class _Stages:
             decoded, restored, compute_seconds = item  # type: ignore[misc]
             try:
                 _write(restored, decoded.job.target, self._stdout_format, self._quality)
-            except MprnetError as error:
+            except Exception as error:  # a dead writer would stall the batch; keep it per image
+                if not isinstance(error, MprnetError):
+                    logger.debug("writing %s failed", decoded.job.target, exc_info=True)
+                    error = OutputError(f"{decoded.job.target}: cannot write ({type(error).__name__}: {error})")
                 self.finished.put(Outcome(decoded.job, error=error, seconds=time.perf_counter() - decoded.started))
                 continue
             height, width = restored.pixels.shape[:2]
@@ -361,7 +413,12 @@ class _Stages:
             return
         self._closed = True
         self.stop.set()
-        self.to_write.put(_DONE)
+        while self.writer.is_alive():
+            try:
+                self.to_write.put(_DONE, timeout=0.1)
+                break
+            except queue.Full:
+                continue
         self.writer.join()
 
 

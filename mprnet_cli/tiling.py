@@ -50,17 +50,26 @@ def max_overlap(tile: int, blend: str) -> int:
     return tile // 4 if blend == "split" else tile // 2
 
 
+class TileOptionError(ValueError):
+    """A tiling option that no tiling can honour; `option` is its `Restorer` argument name."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(message)
+        self.option = option
+
+
 def check_tile_options(tile: int | None, overlap: int, blend: str) -> None:
-    """Raise ValueError, in words a user can act on, for options no tiling can honour."""
+    """Raise TileOptionError, in words a user can act on, for options no tiling can honour."""
     if blend not in BLENDS:
-        raise ValueError(f"unknown tile blend {blend!r}: expected one of {', '.join(BLENDS)}")
+        raise TileOptionError("tile_blend", f"unknown tile blend {blend!r}: expected one of {', '.join(BLENDS)}")
     if tile is not None and tile != 0 and (tile < MIN_TILE or tile % 8):
-        raise ValueError(f"tile size {tile}: must be a multiple of 8 and at least {MIN_TILE} (or 0 for none)")
+        raise TileOptionError("tile", f"tile size {tile}: must be a multiple of 8 and at least {MIN_TILE} (or 0 for none)")
     if overlap < 0:
-        raise ValueError(f"tile overlap {overlap}: must not be negative")
+        raise TileOptionError("tile_overlap", f"tile overlap {overlap}: must not be negative")
     if tile and overlap > max_overlap(tile, blend):
-        raise ValueError(f"tile overlap {overlap} is too large for {tile}-pixel tiles with the {blend} blend "
-                         f"(at most {max_overlap(tile, blend)})")
+        raise TileOptionError("tile_overlap", f"tile overlap {overlap} is too large for {tile}-pixel tiles with the "
+                              f"{blend} blend (at most {max_overlap(tile, blend)}: a quarter of the tile with split, "
+                              "else half)")
 
 
 def plan_tile_shape(height: int, width: int, max_pixels: float, overlap: int) -> tuple[int, int] | None:

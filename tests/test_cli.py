@@ -151,6 +151,41 @@ def test_unavailable_device(photo: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert code == 2 and stderr.startswith("error: --device cuda: no CUDA GPU is available")
 
 
+@pytest.mark.parametrize(("option", "message"), [
+    (["--device", "gpu"], "error: --device gpu: expected one of auto, cpu, cuda, cuda:N, mps\n"),
+    (["--precision", "fp64"], "error: --precision fp64: expected auto, fp32, bf16, fp16\n"),
+])
+def test_device_options_are_checked_even_when_every_output_exists(photo: Path, tmp_path: Path, option: list[str],
+                                                                    message: str) -> None:
+    out = tmp_path / "done.png"
+    out.write_bytes(b"an earlier result")
+    assert _error(["deblur", str(photo), "-o", str(out), *option]) == (2, message)
+    assert out.read_bytes() == b"an earlier result"
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["-"], "error: standard input is a terminal; pipe an image in (cat photo.png | mprnet ...) or name a file\n"),
+    (["{photo}", "-o", "-"], "error: standard output is a terminal; redirect it (> restored.png) or give -o a file name\n"),
+])
+def test_images_are_neither_awaited_from_nor_printed_to_a_terminal(photo: Path, arguments: list[str], message: str,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    class _Terminal(io.BytesIO):
+        buffer = property(lambda self: self)
+
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stdin", _Terminal())
+    monkeypatch.setattr(sys, "stdout", _Terminal())
+    monkeypatch.setattr(sys, "argv", ["mprnet", "deblur", *(a.format(photo=photo) for a in arguments), *WEIGHTS])
+    stderr = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    with pytest.raises(SystemExit) as exit_status:
+        main()
+    assert (exit_status.value.code, stderr.getvalue()) == (2, message)
+    assert sys.stdout.getvalue() == b""
+
+
 def test_debug_shows_the_exception(photo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MPRNET_DEBUG", "1")
     result = runner.invoke(app, ["deblur", str(photo), "--weights", "nope.pth"])
@@ -174,20 +209,23 @@ def test_tiled_run_matches_the_python_api(photo: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (["--tile", "big"], "'big': expected auto, 0 (whole image) or a tile size in pixels"),
+        (["--tile", "big"], "for '--tile': 'big': expected auto, 0 (whole image) or a tile size in pixels"),
         (["--tile", "64", "--tile-overlap", "40"],
-         "tile overlap 40 is too large for 64-pixel tiles with the feather blend (at most 32)"),
-        (["--tile-blend", "smooth"], "unknown tile blend 'smooth': expected one of feather, core, split"),
+         "for '--tile-overlap': tile overlap 40 is too large for 64-pixel tiles with the feather blend (at most 32: "
+         "a quarter of the tile with split, else half)"),
+        (["--tile-blend", "smooth"], "for '--tile-blend': unknown tile blend 'smooth': expected one of feather, core, split"),
+        (["--suffix", "_x/../y"], "for '--suffix': '_x/../y': a suffix is added to file names and cannot hold a path "
+         "separator"),
     ],
 )
-def test_bad_tile_options(photo: Path, options: list[str], message: str, monkeypatch: pytest.MonkeyPatch,
-                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_options_name_themselves(photo: Path, options: list[str], message: str, monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
     """Through `main`, as the console script runs: usage errors are one line too."""
     monkeypatch.setattr(sys, "argv", ["mprnet", "deblur", str(photo), *WEIGHTS, *options])
     with pytest.raises(SystemExit) as exit_status:
         main()
     assert exit_status.value.code == 2
-    assert capsys.readouterr() == ("", f"error: Invalid value: {message} (see `mprnet --help`)\n")
+    assert capsys.readouterr() == ("", f"error: Invalid value {message} (see `mprnet deblur --help`)\n")
 
 
 def _run(command: str | list[str], **kwargs: object) -> subprocess.CompletedProcess[bytes]:
@@ -208,9 +246,17 @@ def test_real_executable_usage_error_is_one_line(photo: Path) -> None:
     assert finished.returncode == 2
     assert finished.stdout == b""
     assert finished.stderr.decode() == (
-        "error: Invalid value: tile size 33: must be a multiple of 8 and at least 32 (or 0 for none) "
-        "(see `mprnet --help`)\n"
+        "error: Invalid value for '--tile': tile size 33: must be a multiple of 8 and at least 32 (or 0 for none) "
+        "(see `mprnet deblur --help`)\n"
     )
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_real_executable_on_a_full_stdout_is_one_line(photo: Path) -> None:
+    with open("/dev/full", "wb") as full:
+        finished = subprocess.run([str(MPRNET), "deblur", str(photo), "-o", "-", *WEIGHTS], stdout=full,
+                                  stderr=subprocess.PIPE, timeout=120)
+    assert (finished.returncode, finished.stderr) == (2, b"error: stdout: cannot write (No space left on device)\n")
 
 
 def test_real_executable_help_is_fast_and_has_examples() -> None:

@@ -97,7 +97,7 @@ def test_colliding_names_are_refused_before_any_work(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert result.stderr == (
         f"error: {tmp_path / 'in' / 'x.jpg'} and {tmp_path / 'in' / 'x.png'} would both be written to {out / 'x.png'}; "
-        "use --suffix or --ext\n"
+        "rename one, or restore them in separate runs\n"
     )
     assert not out.exists()
 

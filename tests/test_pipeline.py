@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -9,7 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mprnet_cli import pipeline
 from mprnet_cli.errors import InputError, OutputError
+from mprnet_cli.imageio import Picture
 from mprnet_cli.pipeline import Job, OutputNaming, default_target, normalise_extension, plan_jobs, run_jobs
 
 from .conftest import PARITY, write_image
@@ -90,7 +94,7 @@ def test_name_collisions_are_refused_before_any_work(tmp_path: Path) -> None:
         plan_jobs([str(tmp_path / "in")], OutputNaming("deblur", output=str(tmp_path / "out"), extension=".png"))
     assert error.value.message == (
         f"{tmp_path / 'in' / 'x.jpg'} and {tmp_path / 'in' / 'x.png'} would both be written to {tmp_path / 'out' / 'x.png'}; "
-        "use --suffix or --ext"
+        "rename one, or restore them in separate runs"
     )
 
 
@@ -132,9 +136,41 @@ def test_batch_refusals(tree: Path, tmp_path: Path) -> None:
         plan_jobs([str(photo)], OutputNaming("deblur", suffix=""))
 
 
+def test_a_file_name_for_several_inputs_is_refused(tree: Path, tmp_path: Path) -> None:
+    photo = write_image(tmp_path / "p.png")
+    with pytest.raises(OutputError, match=r"single.png: several inputs need an output directory, not a file name "
+                                          r"\(for a directory of that name, write .*single.png/\)"):
+        plan_jobs([str(photo), str(tree / "a.png")], OutputNaming("deblur", output=str(tmp_path / "single.png")))
+    plan = plan_jobs([str(photo), str(tree / "a.png")], OutputNaming("deblur", output=str(tmp_path / "single.png") + "/"))
+    assert [Path(job.target).parent.name for job in plan.jobs] == ["single.png"] * 2
+
+
+def test_an_output_that_would_replace_another_input_is_refused(tmp_path: Path) -> None:
+    first, second = write_image(tmp_path / "a.png"), write_image(tmp_path / "a_deblurred.png")
+    naming = OutputNaming("deblur", overwrite=True)
+    with pytest.raises(OutputError, match=f"^{first} would be written over {second}, another input; "):
+        plan_jobs([str(first), str(second)], naming)
+    plan = plan_jobs([str(first), str(second)], OutputNaming("deblur"))  # without --overwrite it is left alone
+    assert plan.jobs == [Job(str(second), str(tmp_path / "a_deblurred_deblurred.png"))]
+
+
+def test_an_input_named_twice_is_restored_once(tmp_path: Path) -> None:
+    photo = write_image(tmp_path / "p.png")
+    plan = plan_jobs([str(photo), str(tmp_path / "." / "p.png")], OutputNaming("deblur", output=str(tmp_path / "out")))
+    assert plan.jobs == [Job(str(photo), str(tmp_path / "out" / "p.png"))]
+    assert plan.skipped == [(str(tmp_path / "." / "p.png"), "named more than once")]
+
+
+def test_an_extension_that_contradicts_the_output_file_is_refused(tmp_path: Path) -> None:
+    photo = write_image(tmp_path / "p.png")
+    with pytest.raises(OutputError, match="^--ext jpg contradicts -o o.png; drop one of them$"):
+        plan_jobs([str(photo)], OutputNaming("deblur", output="o.png", extension=".jpg"))
+    assert plan_jobs([str(photo)], OutputNaming("deblur", output="o.jpeg", extension=".jpg")).jobs == [Job(str(photo), "o.jpeg")]
+
+
 def test_extension_option() -> None:
     assert [normalise_extension(e) for e in (None, "auto", "png", ".JPG", "tiff")] == [None, None, ".png", ".jpg", ".tiff"]
-    with pytest.raises(OutputError, match="unknown output format '.gif'"):
+    with pytest.raises(OutputError, match="--ext gif: not a format mprnet writes; use one of bmp, jpeg"):
         normalise_extension("gif")
 
 
@@ -212,3 +248,59 @@ def test_image_over_the_pixel_limit_fails_that_job(tmp_path: Path) -> None:
     source = write_image(tmp_path / "big.png", 100, 100)
     [outcome] = run_jobs(_Doubler(), [Job(str(source), str(tmp_path / "o.png"))], max_pixels=9999)  # type: ignore[arg-type]
     assert outcome.error is not None and "over the 9,999-pixel limit" in outcome.error.message
+
+
+def test_an_image_the_encoder_refuses_fails_that_job_and_the_batch_goes_on(tmp_path: Path) -> None:
+    wide, small = write_image(tmp_path / "wide.png", 16400, 2), write_image(tmp_path / "small.png")
+    jobs = [Job(str(source), str(tmp_path / "out" / f"{source.stem}.webp")) for source in (wide, small)]
+    outcomes = {Path(o.job.source).name: o for o in run_jobs(_Doubler(), jobs)}  # type: ignore[arg-type]
+    assert outcomes["small.png"].ok
+    assert outcomes["wide.png"].error is not None
+    assert outcomes["wide.png"].error.message.startswith(f"{tmp_path / 'out' / 'wide.webp'}: cannot encode as WEBP (")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["small.webp"]
+
+
+def test_an_unexpected_error_in_the_writer_fails_that_job_and_the_batch_goes_on(tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer thread must not die: the batch would stall on its full queue."""
+    write = pipeline._write
+
+    def flaky(picture: Picture, target: str, *args: object) -> None:
+        if target.endswith("1.png"):
+            raise RuntimeError("a bug")
+        write(picture, target, *args)
+
+    monkeypatch.setattr(pipeline, "_write", flaky)
+    sources = [write_image(tmp_path / f"{i}.png") for i in range(6)]
+    jobs = [Job(str(s), str(tmp_path / "out" / s.name)) for s in sources]
+    errors = [o.error.message for o in run_jobs(_Doubler(), jobs) if o.error]  # type: ignore[arg-type]
+    assert errors == [f"{tmp_path / 'out' / '1.png'}: cannot write (RuntimeError: a bug)"]
+    assert len(list((tmp_path / "out").iterdir())) == 5
+
+
+def _stdout_job(tmp_path: Path) -> list[Job]:
+    return [Job(str(write_image(tmp_path / "p.png")), pipeline.STDIO)]
+
+
+def test_a_closed_pipe_on_stdout_fails_the_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    reading, writing = os.pipe()
+    os.close(reading)
+    with open(writing, "w") as closed_pipe:
+        monkeypatch.setattr(sys, "stdout", closed_pipe)
+        [outcome] = run_jobs(_Doubler(), _stdout_job(tmp_path))  # type: ignore[arg-type]
+        closed_pipe.write("x")
+        closed_pipe.flush()  # descriptor 1's stand-in now points at /dev/null: exiting would not fail again
+    assert outcome.error is not None
+    assert outcome.error.message == "stdout: the reading end of the pipe closed before the image was written"
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_full_or_closed_stdout_fails_the_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with open("/dev/full", "w") as full:
+        monkeypatch.setattr(sys, "stdout", full)
+        [outcome] = run_jobs(_Doubler(), _stdout_job(tmp_path))  # type: ignore[arg-type]
+    assert outcome.error is not None and outcome.error.message == "stdout: cannot write (No space left on device)"
+    monkeypatch.setattr(sys, "stdout", None)
+    [outcome] = run_jobs(_Doubler(), _stdout_job(tmp_path))  # type: ignore[arg-type]
+    assert outcome.error is not None
+    assert outcome.error.message == "standard output is closed; give -o a file or a directory"
