@@ -286,7 +286,7 @@ class _Report:
             elapsed = time.perf_counter() - self.started
             parts = [f"{self.done} done", f"{skipped} skipped", f"{self.failed} failed"]
             if interrupted:
-                parts.append(f"{self.total - self.done - self.failed} not started (interrupted)")
+                parts.append(f"{self.total - self.done - self.failed} not done (interrupted)")
             self._print(f"{', '.join(parts)}; {self.megapixels:.1f} MP in {elapsed:.1f} s", always=interrupted)
 
 
@@ -372,7 +372,7 @@ def _run_batch(restorer: Restorer, plan: Plan, quality: int, max_pixels: int | N
         raise typer.Exit(130)
     if first_error is not None:
         # One image: its own error code (2 for a bad input). A batch: 1, "something failed".
-        raise typer.Exit(first_error.exit_code if len(jobs) == 1 else 1)
+        raise typer.Exit(1 if plan.batch else first_error.exit_code)
 
 
 _EXAMPLES = {

@@ -60,6 +60,8 @@ class Plan:
     jobs: list[Job]
     #: (path, reason) for inputs left out before any work: hidden, not images, already done.
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    #: A directory, a glob or several inputs: its failures are the batch's exit code 1.
+    batch: bool = False
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,7 @@ def plan_jobs(inputs: list[str], naming: OutputNaming) -> Plan:
         target = naming.output or STDIO
         if target != STDIO:
             format_for(Path(target))
+            _check_writable(Path(target).resolve().parent, set())
         return Plan([Job(STDIO, target)])
 
     sources, skipped, batch = _collect_sources(inputs, naming.recursive)
@@ -170,7 +173,7 @@ def plan_jobs(inputs: list[str], naming: OutputNaming) -> Plan:
     if naming.output == STDIO and (batch or len(sources) > 1):
         raise OutputError("-o - writes one image to standard output; give one input, or an output directory")
 
-    jobs, seen = [], {}
+    jobs, seen, writable = [], {}, set()
     inputs_by_path = {source.resolve(): source for source, _ in sources}
     for source, relative in sources:
         target = _target_for(source, relative, directory, naming)
@@ -190,8 +193,24 @@ def plan_jobs(inputs: list[str], naming: OutputNaming) -> Plan:
             if resolved in inputs_by_path:  # another input, which the batch may not have read yet
                 raise OutputError(f"{source} would be written over {inputs_by_path[resolved]}, another input; "
                                   "choose another --suffix or an output directory")
+            _check_writable(resolved.parent, writable)
         jobs.append(Job(str(source), target))
-    return Plan(jobs, skipped)
+    return Plan(jobs, skipped, batch)
+
+
+def _check_writable(directory: Path, checked: set[Path]) -> None:
+    """Refuse an output directory that cannot be made or written before any image is
+    computed; the write itself still reports what this cannot foresee."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing in checked:
+        return
+    checked.add(existing)
+    if not existing.is_dir():
+        raise OutputError(f"{existing}: is a file, so no output directory can be made there")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"{existing}: cannot write there (permission denied)")
 
 
 def _collect_sources(inputs: list[str], recursive: bool) -> tuple[list[tuple[Path, Path]], list[tuple[str, str]], bool]:

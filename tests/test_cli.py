@@ -124,7 +124,7 @@ def test_unwritable_output_leaves_nothing(photo: Path, tmp_path: Path) -> None:
     blocker.write_text("x")
     target = blocker / "out.png"
     code, stderr = _error(["deblur", str(photo), "-o", str(target), *WEIGHTS])
-    assert (code, stderr) == (2, f"error: {blocker}: cannot create the output directory (File exists)\n")
+    assert (code, stderr) == (2, f"error: {blocker}: is a file, so no output directory can be made there\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker", "photo.png"]
 
 

@@ -111,6 +111,27 @@ def test_unwritable_output_directory(tmp_path: Path) -> None:
     assert result.stderr == f"error: {blocker}: is a file; with several inputs or a directory, -o must be a directory\n"
 
 
+def test_a_directory_without_write_permission_is_refused_before_any_work(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    _image(tmp_path / "in" / "x.png")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    access = os.access
+    # Permission bits mean nothing to root, who may run this suite: os.access stands in.
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked and access(path, mode))
+    result = runner.invoke(app, ["deblur", str(tmp_path / "in"), "-o", str(locked / "new" / "deeper"), *WEIGHTS])
+    assert (result.exit_code, result.stderr) == (2, f"error: {locked}: cannot write there (permission denied)\n")
+    assert list(locked.iterdir()) == []
+
+
+def test_a_folder_of_one_image_that_fails_is_a_batch_failure(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    result = runner.invoke(app, ["deblur", str(tmp_path / "in"), "-o", str(tmp_path / "out"), *WEIGHTS])
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"error: {tmp_path / 'in' / 'broken.png'}: truncated or corrupt image")
+
+
 def test_stdout_format_comes_from_ext(tmp_path: Path) -> None:
     photo = _image(tmp_path / "x.png")
     result = runner.invoke(app, ["deblur", "-", "-o", "-", "--ext", "webp", "--quiet", *WEIGHTS], input=photo.read_bytes())
@@ -134,7 +155,7 @@ def test_interrupt_mid_batch_leaves_no_partial_file_and_a_rerun_completes(tmp_pa
     assert process.returncode == 130, stderr.decode()
     assert stdout == b""
     summary = stderr.decode().splitlines()[-1]
-    assert "not started (interrupted)" in summary
+    assert "not done (interrupted)" in summary
     written = _outputs(out)
     assert 1 <= len(written) < 12
     assert all(not name.startswith(".") for name in written)  # no temporary files left behind
