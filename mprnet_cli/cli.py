@@ -503,8 +503,29 @@ def weights_verify(task: TasksChoice = "all") -> None:
             raise CheckpointError(f"verification failed for {', '.join(failed)}: run `mprnet weights download {failed[0]} --force`")
 
 
+def _settle_stdout() -> None:
+    """After a failed write to stdout (a closed pipe, a full disk), the bytes still buffered
+    would fail again in Python's flush at exit, with a traceback after our error line:
+    point descriptor 1 at /dev/null first (the recipe of Python's SIGPIPE note)."""
+    if sys.stdout is None:
+        return
+    try:
+        sys.stdout.flush()
+    except OSError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 def main() -> None:
     """The console script: like `app()`, but a usage error is one `error:` line, not a panel."""
+    try:
+        _run_app()
+    finally:
+        _settle_stdout()
+
+
+def _run_app() -> None:
     try:
         result = app(prog_name="mprnet", standalone_mode=False)
     except typer.Abort:

@@ -16,6 +16,7 @@ import logging
 import os
 import queue
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -162,8 +163,10 @@ def plan_jobs(inputs: list[str], naming: OutputNaming) -> Plan:
     if inputs == [STDIO]:
         target = naming.output or STDIO
         if target != STDIO:
-            format_for(Path(target))
-            _check_writable(Path(target).resolve().parent, set())
+            if Path(target).is_dir() or target.endswith(("/", os.sep)):
+                raise OutputError(f"{target}: one image from standard input needs an output file name, or -o -")
+            _named_output(naming)
+            _check_writable(Path(target).parent, set())
         return Plan([Job(STDIO, target)])
 
     sources, skipped, batch = _collect_sources(inputs, naming.recursive)
@@ -173,10 +176,15 @@ def plan_jobs(inputs: list[str], naming: OutputNaming) -> Plan:
     if naming.output == STDIO and (batch or len(sources) > 1):
         raise OutputError("-o - writes one image to standard output; give one input, or an output directory")
 
+    targets = [_target_for(source, relative, directory, naming) for source, relative in sources]
+    # A folder restored before holds its outputs beside their inputs: those are results, not inputs.
+    produced_by = {Path(target).resolve(): source for (source, _), target in zip(sources, targets) if target != STDIO}
     jobs, seen, writable = [], {}, set()
-    inputs_by_path = {source.resolve(): source for source, _ in sources}
-    for source, relative in sources:
-        target = _target_for(source, relative, directory, naming)
+    for (source, _), target in zip(sources, targets):
+        maker = produced_by.get(source.resolve())
+        if maker is not None and maker != source:
+            skipped.append((str(source), f"it is the output of {maker}"))
+            continue
         if target != STDIO:
             resolved = Path(target).resolve()
             if resolved == source.resolve():
@@ -190,10 +198,7 @@ def plan_jobs(inputs: list[str], naming: OutputNaming) -> Plan:
             if Path(target).exists() and not naming.overwrite:
                 skipped.append((str(source), f"{target} exists (use --overwrite to redo it)"))
                 continue
-            if resolved in inputs_by_path:  # another input, which the batch may not have read yet
-                raise OutputError(f"{source} would be written over {inputs_by_path[resolved]}, another input; "
-                                  "choose another --suffix or an output directory")
-            _check_writable(resolved.parent, writable)
+            _check_writable(Path(target).parent, writable)
         jobs.append(Job(str(source), target))
     return Plan(jobs, skipped, batch)
 
@@ -209,8 +214,14 @@ def _check_writable(directory: Path, checked: set[Path]) -> None:
     checked.add(existing)
     if not existing.is_dir():
         raise OutputError(f"{existing}: is a file, so no output directory can be made there")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputError(f"{existing}: cannot write there (permission denied)")
+    if os.access(existing, os.W_OK | os.X_OK):
+        return
+    try:  # os.access only advises (network and FUSE file systems can say no and still allow it)
+        descriptor, probe = tempfile.mkstemp(dir=existing, prefix=".mprnet-probe-")
+    except OSError as error:
+        raise OutputError(f"{existing}: cannot write there ({error.strerror or error})") from None
+    os.close(descriptor)
+    os.unlink(probe)
 
 
 def _collect_sources(inputs: list[str], recursive: bool) -> tuple[list[tuple[Path, Path]], list[tuple[str, str]], bool]:
@@ -219,6 +230,7 @@ def _collect_sources(inputs: list[str], recursive: bool) -> tuple[list[tuple[Pat
     image_extensions = _image_extensions()
     sources: list[tuple[Path, Path]] = []
     skipped: list[tuple[str, str]] = []
+    named: set[Path] = set()
     batch = len(inputs) > 1
     for argument in inputs:
         expanded = _expand(argument, recursive)
@@ -226,7 +238,11 @@ def _collect_sources(inputs: list[str], recursive: bool) -> tuple[list[tuple[Pat
             path = Path(argument)
             if not path.exists():
                 raise InputError(f"{argument}: no such file or directory")
-            sources.append((path, Path(path.name)))
+            if path.resolve() in named:
+                skipped.append((str(path), "named more than once"))
+            else:
+                named.add(path.resolve())
+                sources.append((path, Path(path.name)))
             continue
         batch = True
         for path, relative in expanded:
@@ -236,13 +252,7 @@ def _collect_sources(inputs: list[str], recursive: bool) -> tuple[list[tuple[Pat
                 skipped.append((str(path), "not an image"))
             else:
                 sources.append((path, relative))
-    unique: dict[Path, tuple[Path, Path]] = {}
-    for path, relative in sources:
-        if path.resolve() in unique:
-            skipped.append((str(path), "named more than once"))
-        else:
-            unique[path.resolve()] = (path, relative)
-    return list(unique.values()), skipped, batch
+    return sources, skipped, batch
 
 
 def _output_directory(output: str | None, batch: bool) -> Path | None:
@@ -264,10 +274,7 @@ def _target_for(source: Path, relative: Path, directory: Path | None, naming: Ou
     if naming.output == STDIO:
         return STDIO
     if directory is None and naming.output is not None:
-        fmt = format_for(Path(naming.output))
-        if naming.extension and FORMATS[naming.extension] != fmt:
-            raise OutputError(f"--ext {naming.extension.lstrip('.')} contradicts -o {naming.output}; drop one of them")
-        return naming.output
+        return _named_output(naming)
     suffix = naming.suffix if naming.suffix is not None else ("" if directory else TASK_SUFFIXES[naming.task])
     name = f"{source.stem}{suffix}{_extension_for(source, naming)}"
     if directory is None:
@@ -278,6 +285,15 @@ def _target_for(source: Path, relative: Path, directory: Path | None, naming: Ou
 def check_device_options(device: str, precision: str) -> None:
     """Raise DeviceError for a device or precision that cannot run here, before any planning."""
     resolve_precision(precision, resolve_device(device))
+
+
+def _named_output(naming: OutputNaming) -> str:
+    """`-o FILE`, checked: a format it names, and no `--ext` that says otherwise."""
+    output = str(naming.output)
+    fmt = format_for(Path(output))
+    if naming.extension and FORMATS[naming.extension] != fmt:
+        raise OutputError(f"--ext {naming.extension.lstrip('.')} contradicts -o {output}; drop one of them")
+    return output
 
 
 def load_restorer(
@@ -335,9 +351,6 @@ def _write_stdout(data: bytes) -> None:
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
     except OSError as error:
-        # Point descriptor 1 at /dev/null, or Python's own flush at exit fails again and
-        # prints a traceback of its own.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         if isinstance(error, BrokenPipeError):
             raise OutputError("stdout: the reading end of the pipe closed before the image was written") from None
         raise OutputError(f"stdout: cannot write ({error.strerror or error})") from None

@@ -259,6 +259,16 @@ def test_real_executable_on_a_full_stdout_is_one_line(photo: Path) -> None:
     assert (finished.returncode, finished.stderr) == (2, b"error: stdout: cannot write (No space left on device)\n")
 
 
+def test_real_executable_into_a_closed_pipe_is_one_line(photo: Path) -> None:
+    process = subprocess.Popen([str(MPRNET), "deblur", str(photo), "-o", "-", *WEIGHTS], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # the reader is gone before the image is written
+    stderr = process.stderr.read()
+    assert (process.wait(timeout=120), stderr) == (
+        2, b"error: stdout: the reading end of the pipe closed before the image was written\n")
+
+
 def test_real_executable_help_is_fast_and_has_examples() -> None:
     finished = _run([str(MPRNET), "--help"])
     assert finished.returncode == 0

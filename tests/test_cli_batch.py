@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -116,11 +117,18 @@ def test_a_directory_without_write_permission_is_refused_before_any_work(tmp_pat
     _image(tmp_path / "in" / "x.png")
     locked = tmp_path / "locked"
     locked.mkdir()
-    access = os.access
-    # Permission bits mean nothing to root, who may run this suite: os.access stands in.
+    access, mkstemp = os.access, tempfile.mkstemp
+
+    # Permission bits mean nothing to root, who may run this suite: both checks stand in.
+    def refused(*args: object, dir: str, **kwargs: object) -> tuple[int, str]:  # noqa: A002 - mkstemp's name
+        if Path(dir) == locked:
+            raise PermissionError(13, "Permission denied")
+        return mkstemp(*args, dir=dir, **kwargs)  # type: ignore[call-overload]
+
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked and access(path, mode))
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
     result = runner.invoke(app, ["deblur", str(tmp_path / "in"), "-o", str(locked / "new" / "deeper"), *WEIGHTS])
-    assert (result.exit_code, result.stderr) == (2, f"error: {locked}: cannot write there (permission denied)\n")
+    assert (result.exit_code, result.stderr) == (2, f"error: {locked}: cannot write there (Permission denied)\n")
     assert list(locked.iterdir()) == []
 
 

@@ -145,20 +145,36 @@ def test_a_file_name_for_several_inputs_is_refused(tree: Path, tmp_path: Path) -
     assert [Path(job.target).parent.name for job in plan.jobs] == ["single.png"] * 2
 
 
-def test_an_output_that_would_replace_another_input_is_refused(tmp_path: Path) -> None:
-    first, second = write_image(tmp_path / "a.png"), write_image(tmp_path / "a_deblurred.png")
-    naming = OutputNaming("deblur", overwrite=True)
-    with pytest.raises(OutputError, match=f"^{first} would be written over {second}, another input; "):
-        plan_jobs([str(first), str(second)], naming)
-    plan = plan_jobs([str(first), str(second)], OutputNaming("deblur"))  # without --overwrite it is left alone
-    assert plan.jobs == [Job(str(second), str(tmp_path / "a_deblurred_deblurred.png"))]
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_the_outputs_of_an_earlier_run_are_not_restored_again(tmp_path: Path, overwrite: bool) -> None:
+    """Run twice on a folder, outputs beside inputs: the second run sees the first's outputs."""
+    first, earlier_output = write_image(tmp_path / "a.png"), write_image(tmp_path / "a_deblurred.png")
+    plan = plan_jobs([str(tmp_path)], OutputNaming("deblur", overwrite=overwrite))
+    assert plan.jobs == ([Job(str(first), str(earlier_output))] if overwrite else [])
+    assert (str(earlier_output), f"it is the output of {first}") in plan.skipped
 
 
 def test_an_input_named_twice_is_restored_once(tmp_path: Path) -> None:
     photo = write_image(tmp_path / "p.png")
-    plan = plan_jobs([str(photo), str(tmp_path / "." / "p.png")], OutputNaming("deblur", output=str(tmp_path / "out")))
+    (tmp_path / "sub").mkdir()
+    again = f"{tmp_path}/sub/../p.png"
+    plan = plan_jobs([str(photo), again], OutputNaming("deblur", output=str(tmp_path / "out")))
     assert plan.jobs == [Job(str(photo), str(tmp_path / "out" / "p.png"))]
-    assert plan.skipped == [(str(tmp_path / "." / "p.png"), "named more than once")]
+    assert plan.skipped == [(again, "named more than once")]
+
+
+def test_a_link_in_a_folder_is_restored_under_its_own_name(tmp_path: Path) -> None:
+    write_image(tmp_path / "in" / "x.png")
+    (tmp_path / "in" / "y.png").symlink_to("x.png")
+    plan = plan_jobs([str(tmp_path / "in")], OutputNaming("deblur", output=str(tmp_path / "out")))
+    assert [Path(job.target).name for job in plan.jobs] == ["x.png", "y.png"]
+
+
+def test_standard_input_needs_an_output_file_name(tmp_path: Path) -> None:
+    with pytest.raises(OutputError, match=r"out/: one image from standard input needs an output file name, or -o -$"):
+        plan_jobs(["-"], OutputNaming("deblur", output=str(tmp_path / "out") + "/"))
+    with pytest.raises(OutputError, match="^--ext png contradicts -o o.jpg; drop one of them$"):
+        plan_jobs(["-"], OutputNaming("deblur", output="o.jpg", extension=".png"))
 
 
 def test_an_extension_that_contradicts_the_output_file_is_refused(tmp_path: Path) -> None:
@@ -282,22 +298,27 @@ def _stdout_job(tmp_path: Path) -> list[Job]:
     return [Job(str(write_image(tmp_path / "p.png")), pipeline.STDIO)]
 
 
+class _Stdout:
+    """What the pipeline uses of `sys.stdout`: its binary stream (here unbuffered)."""
+
+    def __init__(self, stream: object) -> None:
+        self.buffer = stream
+
+
 def test_a_closed_pipe_on_stdout_fails_the_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     reading, writing = os.pipe()
     os.close(reading)
-    with open(writing, "w") as closed_pipe:
-        monkeypatch.setattr(sys, "stdout", closed_pipe)
+    with open(writing, "wb", buffering=0) as closed_pipe:
+        monkeypatch.setattr(sys, "stdout", _Stdout(closed_pipe))
         [outcome] = run_jobs(_Doubler(), _stdout_job(tmp_path))  # type: ignore[arg-type]
-        closed_pipe.write("x")
-        closed_pipe.flush()  # descriptor 1's stand-in now points at /dev/null: exiting would not fail again
     assert outcome.error is not None
     assert outcome.error.message == "stdout: the reading end of the pipe closed before the image was written"
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
 def test_a_full_or_closed_stdout_fails_the_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with open("/dev/full", "w") as full:
-        monkeypatch.setattr(sys, "stdout", full)
+    with open("/dev/full", "wb", buffering=0) as full:
+        monkeypatch.setattr(sys, "stdout", _Stdout(full))
         [outcome] = run_jobs(_Doubler(), _stdout_job(tmp_path))  # type: ignore[arg-type]
     assert outcome.error is not None and outcome.error.message == "stdout: cannot write (No space left on device)"
     monkeypatch.setattr(sys, "stdout", None)
