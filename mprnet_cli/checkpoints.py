@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from mprnet_cli.errors import CheckpointError
-from mprnet_cli.model.config import MPRNetConfig, infer_config, task_with_widths
+from mprnet_cli.model.config import TASK_CONFIGS, MPRNetConfig, infer_config, task_with_widths
 from mprnet_cli.model.network import MPRNet
 
 _WRAPPER_KEYS = ("state_dict", "params", "params_ema", "model")
@@ -94,6 +94,8 @@ def build_model(state_dict: Mapping[str, Tensor], source: str, task: str | None 
     except (KeyError, IndexError) as error:
         raise CheckpointError(f"{source} is not an MPRNet checkpoint (no tensor {error})") from error
     if task is not None:
+        if task not in TASK_CONFIGS:
+            raise ValueError(f"unknown task {task!r}: expected one of {', '.join(TASK_CONFIGS)}")
         fits = task_with_widths(config)
         if fits is not None and fits != task:
             raise CheckpointError(f"{source} looks like a {fits} checkpoint: run `mprnet {fits}`, not `mprnet {task}`")

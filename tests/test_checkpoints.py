@@ -143,3 +143,5 @@ def test_another_tasks_checkpoint_names_the_right_command(published: str, asked:
 def test_tiny_model_loads_for_any_task(tiny_state: dict[str, torch.Tensor]) -> None:
     for task in TASK_CONFIGS:
         assert build_model(tiny_state, "tiny.pth", task=task).config.n_feat == 16
+    with pytest.raises(ValueError, match="unknown task 'sharpen': expected one of deblur, derain, denoise"):
+        build_model(tiny_state, "tiny.pth", task="sharpen")

@@ -110,6 +110,8 @@ def test_unsupported_inputs_are_refused(restorer: Restorer) -> None:
         restorer.restore(np.zeros((4, 4, 5), dtype=np.uint8))
     with pytest.raises(ValueError, match="expected uint8, uint16 or float pixels, got int64"):
         restorer.restore(np.zeros((4, 4, 3), dtype=np.int64))
+    with pytest.raises(ValueError, match=r"^an empty image \(0x5 pixels\) has nothing to restore$"):
+        restorer.restore(np.zeros((0, 5, 3), dtype=np.uint8))
 
 
 def _identity_model() -> MPRNet:

@@ -230,6 +230,8 @@ class Restorer:
     def restore_array(self, array: np.ndarray, progress: Progress | None = None) -> np.ndarray:
         color, alpha = split_alpha(array)
         height, width = color.shape[:2]
+        if not height or not width:
+            raise ValueError(f"an empty image ({height}x{width} pixels) has nothing to restore")
 
         def cut(top: int, left: int, tile_height: int, tile_width: int) -> Tensor:
             # Tiles are converted to float one at a time: no float copy of the whole image.
