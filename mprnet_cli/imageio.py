@@ -147,7 +147,9 @@ def _pil_pixels(image: Image.Image, label: str) -> np.ndarray:
         return np.asarray(image).astype(np.uint16)
     if image.mode in ("I", "F"):
         raise InputError(f"{label}: 32-bit integer and float images are not supported; convert to 8 or 16 bits")
-    if image.mode not in ("L", "LA", "RGB", "RGBA"):
+    if image.mode == "1":  # black and white: grayscale, which can hold what restoring makes of it
+        image = image.convert("L")
+    elif image.mode not in ("L", "LA", "RGB", "RGBA"):
         has_alpha = "A" in image.getbands() or "transparency" in image.info
         image = image.convert("RGBA" if has_alpha else "RGB")
     return np.asarray(image)

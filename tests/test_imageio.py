@@ -42,6 +42,12 @@ def test_eight_bit_modes_round_trip_exactly(shape: tuple[int, ...], mode: str) -
     np.testing.assert_array_equal(again.pixels, pixels)
 
 
+def test_black_and_white_becomes_grayscale() -> None:
+    bits = RNG.integers(0, 2, (5, 7)).astype(bool)
+    picture = decode_image(_pil_bytes(Image.fromarray(bits)), "bits.png")
+    np.testing.assert_array_equal(picture.pixels, np.where(bits, 255, 0).astype(np.uint8))
+
+
 def test_sixteen_bit_gray_png_stays_sixteen_bit() -> None:
     pixels = RNG.integers(0, 65536, (6, 4), dtype=np.uint16)
     picture = decode_image(_pil_bytes(Image.fromarray(pixels)), "gray16.png")
