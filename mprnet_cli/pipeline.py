@@ -362,9 +362,12 @@ _DONE = object()
 @dataclass
 class _Decoded:
     job: Job
-    started: float
     picture: Picture | None = None
     error: MprnetError | None = None
+    read_seconds: float = 0.0
+    #: Set as the network takes the image up, less its reading time: an image's reported
+    #: time leaves out its wait in the queue.
+    started: float = 0.0
 
 
 class _Stages:
@@ -393,7 +396,7 @@ class _Stages:
 
     def _read_all(self) -> None:
         for job in self._jobs:
-            item = _Decoded(job, time.perf_counter())
+            item, reading = _Decoded(job), time.perf_counter()
             try:
                 item.picture = _read(job.source, self._max_pixels)
             except MprnetError as error:
@@ -401,6 +404,7 @@ class _Stages:
             except Exception as error:  # a dead reader would stall the batch; keep it per image
                 logger.debug("reading %s failed", job.source, exc_info=True)
                 item.error = InputError(f"{job.source}: cannot read ({type(error).__name__}: {error})")
+            item.read_seconds = time.perf_counter() - reading
             if not self._put(self.decoded, item):
                 return
         self._put(self.decoded, _DONE)
@@ -481,6 +485,7 @@ def run_jobs(
                 break
             if not isinstance(item, _Decoded):
                 raise TypeError(f"unexpected item in the decode queue: {item!r}")
+            item.started = time.perf_counter() - item.read_seconds
             if item.error is not None or item.picture is None:
                 yield Outcome(item.job, error=item.error, seconds=time.perf_counter() - item.started)
                 continue

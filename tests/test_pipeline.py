@@ -238,6 +238,19 @@ def test_each_image_is_reported_before_the_next_one_is_computed(tmp_path: Path) 
     assert events == ["start", "compute", "done"] * 2
 
 
+def test_an_images_time_leaves_out_its_wait_in_the_queue(tmp_path: Path) -> None:
+    class _Slow:
+        def restore_array(self, array: np.ndarray, progress: object = None) -> np.ndarray:
+            time.sleep(0.5)
+            return array
+
+    sources = [write_image(tmp_path / f"{i}.png") for i in range(3)]
+    jobs = [Job(str(s), str(tmp_path / "out" / s.name)) for s in sources]
+    seconds = [outcome.seconds for outcome in run_jobs(_Slow(), jobs)]  # type: ignore[arg-type]
+    # Each image took 0.5 s of compute; the third waited 1 s for the first two before that.
+    assert all(0.5 <= s < 0.9 for s in seconds), seconds
+
+
 def test_stopping_early_writes_what_was_restored_and_leaves_no_partial_file(tmp_path: Path) -> None:
     sources = [write_image(tmp_path / "in" / f"{i}.png") for i in range(6)]
     out = tmp_path / "out"
