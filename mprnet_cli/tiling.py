@@ -63,7 +63,8 @@ def check_tile_options(tile: int | None, overlap: int, blend: str) -> None:
     if blend not in BLENDS:
         raise TileOptionError("tile_blend", f"unknown tile blend {blend!r}: expected one of {', '.join(BLENDS)}")
     if tile is not None and tile != 0 and (tile < MIN_TILE or tile % 8):
-        raise TileOptionError("tile", f"tile size {tile}: must be a multiple of 8 and at least {MIN_TILE} (or 0 for none)")
+        raise TileOptionError("tile",
+                              f"tile size {tile}: must be a multiple of 8 and at least {MIN_TILE} (or 0 for none)")
     if overlap < 0:
         raise TileOptionError("tile_overlap", f"tile overlap {overlap}: must not be negative")
     if tile and overlap > max_overlap(tile, blend):

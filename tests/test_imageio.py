@@ -163,7 +163,8 @@ def test_output_format_comes_from_the_extension() -> None:
     ]
     with pytest.raises(OutputError, match=r"a.gif: unknown output format '.gif'"):
         format_for(Path("a.gif"))
-    with pytest.raises(OutputError, match=r"^out: no extension to choose the output format by .*; for a directory, write out/$"):
+    with pytest.raises(OutputError, match=r"^out: no extension to choose the output format by .*; "
+                                          r"for a directory, write out/$"):
         format_for(Path("out"))
 
 

@@ -141,7 +141,8 @@ def test_a_file_name_for_several_inputs_is_refused(tree: Path, tmp_path: Path) -
     with pytest.raises(OutputError, match=r"single.png: several inputs need an output directory, not a file name "
                                           r"\(for a directory of that name, write .*single.png/\)"):
         plan_jobs([str(photo), str(tree / "a.png")], OutputNaming("deblur", output=str(tmp_path / "single.png")))
-    plan = plan_jobs([str(photo), str(tree / "a.png")], OutputNaming("deblur", output=str(tmp_path / "single.png") + "/"))
+    as_folder = OutputNaming("deblur", output=str(tmp_path / "single.png") + "/")
+    plan = plan_jobs([str(photo), str(tree / "a.png")], as_folder)
     assert [Path(job.target).parent.name for job in plan.jobs] == ["single.png"] * 2
 
 
@@ -181,7 +182,8 @@ def test_an_extension_that_contradicts_the_output_file_is_refused(tmp_path: Path
     photo = write_image(tmp_path / "p.png")
     with pytest.raises(OutputError, match="^--ext jpg contradicts -o o.png; drop one of them$"):
         plan_jobs([str(photo)], OutputNaming("deblur", output="o.png", extension=".jpg"))
-    assert plan_jobs([str(photo)], OutputNaming("deblur", output="o.jpeg", extension=".jpg")).jobs == [Job(str(photo), "o.jpeg")]
+    same_format = OutputNaming("deblur", output="o.jpeg", extension=".jpg")
+    assert plan_jobs([str(photo)], same_format).jobs == [Job(str(photo), "o.jpeg")]
 
 
 def test_extension_option() -> None:

@@ -119,8 +119,10 @@ def test_feather_takes_a_tiles_centre_line_from_a_neighbour_that_covers_it() -> 
         (33, 8, "core", "tile size 33: must be a multiple of 8 and at least 32"),
         (24, 8, "core", "tile size 24: must be a multiple of 8 and at least 32"),
         (64, -1, "core", "tile overlap -1: must not be negative"),
-        (64, 40, "core", "tile overlap 40 is too large for 64-pixel tiles with the core blend (at most 32: a quarter of the tile with split, else half)"),
-        (64, 32, "split", "tile overlap 32 is too large for 64-pixel tiles with the split blend (at most 16: a quarter of the tile with split, else half)"),
+        (64, 40, "core", "tile overlap 40 is too large for 64-pixel tiles with the core blend (at most 32: "
+         "a quarter of the tile with split, else half)"),
+        (64, 32, "split", "tile overlap 32 is too large for 64-pixel tiles with the split blend (at most 16: "
+         "a quarter of the tile with split, else half)"),
         (64, 8, "smooth", "unknown tile blend 'smooth': expected one of feather, core, split"),
     ],
 )
