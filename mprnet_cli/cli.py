@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Iterator, Optional
 
 import typer
 
-from mprnet_cli.errors import CheckpointError, MprnetError
+from mprnet_cli.errors import CheckpointError, InputError, MprnetError, OutputError
 
 if TYPE_CHECKING:
     from mprnet_cli.model.restorer import Restorer
@@ -104,7 +104,6 @@ def _check_suffix(suffix: str | None) -> None:
 
 def _check_terminals(jobs: list[Job]) -> None:
     """Refuse to wait for an image typed at a terminal, or to print one onto it."""
-    from mprnet_cli.errors import InputError, OutputError
     from mprnet_cli.pipeline import STDIO
 
     if any(job.source == STDIO for job in jobs) and sys.stdin is not None and sys.stdin.isatty():

@@ -177,17 +177,18 @@ def plan_jobs(inputs: list[str], naming: OutputNaming) -> Plan:
         raise OutputError("-o - writes one image to standard output; give one input, or an output directory")
 
     targets = [_target_for(source, relative, directory, naming) for source, relative in sources]
+    resolved_targets = [None if target == STDIO else Path(target).resolve() for target in targets]
     # A folder restored before holds its outputs beside their inputs: those are results, not inputs.
-    produced_by = {Path(target).resolve(): source for (source, _), target in zip(sources, targets) if target != STDIO}
+    produced_by = {resolved: source for (source, _), resolved in zip(sources, resolved_targets) if resolved}
     jobs, seen, writable = [], {}, set()
-    for (source, _), target in zip(sources, targets):
-        maker = produced_by.get(source.resolve())
+    for (source, _), target, resolved in zip(sources, targets, resolved_targets):
+        resolved_source = source.resolve()
+        maker = produced_by.get(resolved_source)
         if maker is not None and maker != source:
             skipped.append((str(source), f"it is the output of {maker}"))
             continue
-        if target != STDIO:
-            resolved = Path(target).resolve()
-            if resolved == source.resolve():
+        if resolved is not None:
+            if resolved == resolved_source:
                 raise OutputError(f"{target}: refusing to overwrite the input; choose another output name or --suffix")
             if resolved in seen:
                 raise OutputError(f"{seen[resolved]} and {source} would both be written to {target}; "
@@ -449,12 +450,7 @@ class _Stages:
             return
         self._closed = True
         self.stop.set()
-        while self.writer.is_alive():
-            try:
-                self.to_write.put(_DONE, timeout=0.1)
-                break
-            except queue.Full:
-                continue
+        self.to_write.put(_DONE)  # the writer takes it: it ends only there (it keeps every error per image)
         self.writer.join()
 
 
