@@ -24,9 +24,10 @@ round by round because shared machines drift:
 Memory: peak RSS of the whole process, and the forward's share of it per megapixel (peak
 minus the RSS before the first forward: the model and imports excluded). With `--device
 cuda`, the same from `torch.cuda.max_memory_allocated` instead of RSS, and the CPU
-runtimes (onnxruntime, openvino) are left out; the peak is that of the timed runs, after
-two warm-up calls: on the first, cuDNN tries kernels with whatever workspace they ask for
-(gigabytes in fp32), on the second the default path tries a CUDA graph. On CUDA,
+runtimes (onnxruntime, openvino) are left out; the peak leaves out the first call, on
+which cuDNN tries kernels with whatever workspace they ask for (gigabytes in fp32), and
+counts the second, on which the default path tries a CUDA graph: a kept graph holds the
+memory of its capture, and its replays allocate nothing. On CUDA,
 *published* runs with PyTorch's defaults, as the authors' demo does: cuDNN may use TF32
 for its fp32 convolutions, while `mprnet --precision fp32` does not (the exact
 reference). *compiled* adds CUDA graphs there.
@@ -163,8 +164,9 @@ def run_worker(task: str, size: str, variant: str, repeats: int, device: str) ->
     run()  # warm-up: oneDNN builds its kernels, and cuDNN picks its, on the first call of each shape
     first = time.perf_counter() - started
     if cuda:
-        run()  # the default path tries a CUDA graph on a shape's second call
-        torch.cuda.reset_peak_memory_stats()  # nor are cuDNN's trial workspaces the forward's memory
+        torch.cuda.reset_peak_memory_stats()  # cuDNN's trial workspaces are not the forward's memory
+        run()  # the default path tries a CUDA graph on a shape's second call: a kept graph holds its
+        # capture's memory while its replays allocate nothing, so the peak counts the capture
     seconds = []
     for _ in range(repeats):
         started = time.perf_counter()
