@@ -1,8 +1,8 @@
 """Decode and encode images, keeping what a photographer expects to survive.
 
-Pillow does the formats and the metadata (EXIF orientation applied, ICC and EXIF carried).
-Pillow reads 16-bit RGB as 8 bits, so 16-bit colour PNG and TIFF pixels go through
-OpenCV instead, and 16-bit PNGs get their ICC and EXIF chunks written back by hand.
+Pillow does the formats and the metadata (EXIF orientation applied; ICC, EXIF, XMP and
+DPI carried). Pillow reads 16-bit RGB as 8 bits, so 16-bit colour PNG and TIFF pixels go
+through OpenCV instead, and 16-bit PNGs get their metadata chunks written back by hand.
 Files are written atomically: a temporary file beside the target, then a rename, so an
 interrupted run never leaves a truncated image under the final name.
 """
@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import secrets
+import stat
 import struct
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from mprnet_cli.errors import InputError, OutputError
 
@@ -33,6 +36,15 @@ FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".ti
 _SIXTEEN_BIT_FORMATS = {"PNG", "TIFF"}
 _METADATA_FORMATS = {"PNG", "JPEG", "WEBP", "TIFF"}
 _EXIF_ORIENTATION = 0x0112
+#: Orientations that swap width and height.
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+#: EXIF pointers to sub-IFDs (Exif, GPS, interoperability), which every camera writes.
+#: libtiff cannot write them, so a TIFF that keeps them is written uncompressed by Pillow.
+_EXIF_SUB_IFDS = (0x8769, 0x8825, 0xA005)
+_TIFF_XMP_TAG = 700
+#: The largest EXIF and XMP blocks a JPEG marker segment holds (Pillow's limits).
+_JPEG_MAX_EXIF = 65533
+_JPEG_MAX_XMP = 65504
 # TIFF keeps EXIF-like tags among its structural ones (sizes, strip offsets...); only these
 # descriptive ones are carried from a TIFF into the output's EXIF.
 _TIFF_DESCRIPTIVE_TAGS = (0x010E, 0x010F, 0x0110, 0x0131, 0x0132, 0x013B, 0x8298)
@@ -48,6 +60,9 @@ class Picture:
     pixels: np.ndarray
     icc_profile: bytes | None = None
     exif: bytes | None = None
+    xmp: bytes | None = None
+    #: Pixels per inch, horizontal and vertical, as the source declared them.
+    dpi: tuple[float, float] | None = None
 
     def with_pixels(self, pixels: np.ndarray) -> Picture:
         return replace(self, pixels=pixels)
@@ -77,8 +92,13 @@ def decode_image(data: bytes, label: str, max_pixels: int | None = None) -> Pict
                 f"{label}: {image.width}x{image.height} is over the {max_pixels:,}-pixel limit (raise it with --max-pixels)"
             )
         image.load()
+        frames = getattr(image, "n_frames", 1)
+        if frames > 1:
+            logger.warning("%s: has %d frames or pages; only the first is restored", label, frames)
         orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
         icc_profile = image.info.get("icc_profile") or None
+        xmp = image.info.get("xmp") or None
+        dpi = _dpi(image.info.get("dpi"), orientation)
         sixteen_bit_color = _is_sixteen_bit_color(image, data)
         tiff_exif = _tiff_descriptive_exif(image) if image.format == "TIFF" else None
         image = ImageOps.exif_transpose(image)
@@ -96,7 +116,18 @@ def decode_image(data: bytes, label: str, max_pixels: int | None = None) -> Pict
         raise InputError(f"{label}: not an image, or a format mprnet cannot read") from None
     except (OSError, SyntaxError, ValueError, struct.error) as error:
         raise InputError(f"{label}: truncated or corrupt image ({error})") from None
-    return Picture(pixels=pixels, icc_profile=icc_profile, exif=exif)
+    return Picture(pixels=pixels, icc_profile=icc_profile, exif=exif, xmp=xmp, dpi=dpi)
+
+
+def _dpi(declared: Any, orientation: int) -> tuple[float, float] | None:
+    """A resolution that makes no sense (zero, a zero denominator, text) is left behind."""
+    try:
+        x, y = (float(v) for v in declared)
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+    if not all(math.isfinite(v) and v > 0 for v in (x, y)):
+        return None
+    return (y, x) if orientation in _TRANSPOSING_ORIENTATIONS else (x, y)
 
 
 def _tiff_descriptive_exif(image: Image.Image) -> bytes | None:
@@ -121,7 +152,12 @@ def _is_sixteen_bit_color(image: Image.Image, data: bytes) -> bool:
 def _decode_sixteen_bit(data: bytes, orientation: int) -> np.ndarray:
     import cv2
 
-    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    quiet = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # libtiff's warnings, e.g. on
+    try:  # an undeclared fourth channel, are not the user's business
+        pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    finally:
+        cv2.utils.logging.setLogLevel(quiet)
     if pixels is None or pixels.dtype != np.uint16:
         raise ValueError("OpenCV could not decode the 16-bit pixels")
     pixels = cv2.cvtColor(pixels, cv2.COLOR_BGRA2RGBA if pixels.shape[2] == 4 else cv2.COLOR_BGR2RGB)
@@ -149,6 +185,8 @@ def _pil_pixels(image: Image.Image, label: str) -> np.ndarray:
         raise InputError(f"{label}: 32-bit integer and float images are not supported; convert to 8 or 16 bits")
     if image.mode == "1":  # black and white: grayscale, which can hold what restoring makes of it
         image = image.convert("L")
+    elif image.mode in ("L", "RGB") and "transparency" in image.info:  # a colour key: make it alpha
+        image = image.convert(image.mode + "A")
     elif image.mode not in ("L", "LA", "RGB", "RGBA"):
         has_alpha = "A" in image.getbands() or "transparency" in image.info
         image = image.convert("RGBA" if has_alpha else "RGB")
@@ -179,18 +217,58 @@ def encode_image(picture: Picture, fmt: str, quality: int = 95) -> bytes:
         pixels = np.round(pixels / 257.0).astype(np.uint8)
     if pixels.dtype == np.uint16 and pixels.ndim == 3:
         return _encode_sixteen_bit_color(pixels, fmt, picture)
-    options: dict[str, object] = {}
-    if fmt in _METADATA_FORMATS:
-        options.update({k: v for k, v in (("icc_profile", picture.icc_profile), ("exif", picture.exif)) if v})
+    options = _metadata_options(picture, fmt)
     if fmt == "JPEG":
         options.update(quality=quality, subsampling=0 if quality >= 90 else 2)
     elif fmt == "WEBP":
         options.update(quality=quality, lossless=quality >= 100)
-    elif fmt == "TIFF":
+    elif fmt == "TIFF" and not _has_sub_ifds(picture.exif):
         options.update(compression="tiff_lzw")
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format=fmt, **options)
     return buffer.getvalue()
+
+
+def _metadata_options(picture: Picture, fmt: str) -> dict[str, object]:
+    """Pillow's save options for the metadata that `fmt` can hold."""
+    options: dict[str, object] = {}
+    if picture.dpi and fmt in ("PNG", "JPEG", "TIFF", "BMP"):
+        options["dpi"] = picture.dpi
+    if fmt not in _METADATA_FORMATS:
+        return options
+    exif, xmp = picture.exif, picture.xmp
+    if fmt == "JPEG":
+        exif = _fits_jpeg(exif, _JPEG_MAX_EXIF, "EXIF")
+        xmp = _fits_jpeg(xmp, _JPEG_MAX_XMP, "XMP")
+    options.update({k: v for k, v in (("icc_profile", picture.icc_profile), ("exif", exif)) if v})
+    if xmp and fmt in ("JPEG", "WEBP"):
+        options["xmp"] = xmp
+    elif xmp and fmt == "PNG":
+        info = PngImagePlugin.PngInfo()
+        info.add_itxt("XML:com.adobe.xmp", xmp.decode("utf-8", "replace"))
+        options["pnginfo"] = info
+    elif xmp and fmt == "TIFF":  # a tag of the image's own directory, beside EXIF's
+        tags = Image.Exif()
+        if exif:
+            tags.load(exif)
+        tags[_TIFF_XMP_TAG] = xmp
+        options["exif"] = tags
+    return options
+
+
+def _fits_jpeg(block: bytes | None, limit: int, name: str) -> bytes | None:
+    if block and len(block) > limit:
+        logger.warning("%s of %d bytes is more than a JPEG can hold (%d); it is dropped", name, len(block), limit)
+        return None
+    return block
+
+
+def _has_sub_ifds(exif: bytes | None) -> bool:
+    if not exif:
+        return False
+    tags = Image.Exif()
+    tags.load(exif)
+    return any(tag in tags for tag in _EXIF_SUB_IFDS)
 
 
 def _has_alpha(pixels: np.ndarray) -> bool:
@@ -201,14 +279,20 @@ def _encode_sixteen_bit_color(pixels: np.ndarray, fmt: str, picture: Picture) ->
     import cv2
 
     order = cv2.COLOR_RGBA2BGRA if pixels.shape[2] == 4 else cv2.COLOR_RGB2BGR
-    ok, encoded = cv2.imencode(".png" if fmt == "PNG" else ".tiff", cv2.cvtColor(pixels, order))
+    params: list[int] = []
+    if fmt == "TIFF" and picture.dpi:
+        params = [cv2.IMWRITE_TIFF_RESUNIT, 2, cv2.IMWRITE_TIFF_XDPI, round(picture.dpi[0]),
+                  cv2.IMWRITE_TIFF_YDPI, round(picture.dpi[1])]
+    ok, encoded = cv2.imencode(".png" if fmt == "PNG" else ".tiff", cv2.cvtColor(pixels, order), params)
     if not ok:
         raise OutputError(f"OpenCV could not encode a 16-bit {fmt}")
     data = encoded.tobytes()
     if fmt == "PNG":
-        return _add_png_metadata(data, picture.icc_profile, picture.exif)
-    if picture.icc_profile or picture.exif:
-        logger.warning("16-bit TIFF output does not keep the ICC profile or EXIF")
+        return _add_png_metadata(data, picture)
+    dropped = [name for name, block in (("ICC profile", picture.icc_profile), ("EXIF", picture.exif),
+                                        ("XMP", picture.xmp)) if block]
+    if dropped:
+        logger.warning("16-bit colour TIFF output (written by OpenCV) keeps no %s", ", ".join(dropped))
     return data
 
 
@@ -216,15 +300,30 @@ def _png_chunk(kind: bytes, body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
 
-def _add_png_metadata(png: bytes, icc_profile: bytes | None, exif: bytes | None) -> bytes:
-    """Insert iCCP and eXIf chunks right after IHDR (both must come before the image data)."""
+def _add_png_metadata(png: bytes, picture: Picture) -> bytes:
+    """Insert iCCP, pHYs, eXIf and iTXt (XMP) chunks right after IHDR (the first three must
+    come before the image data)."""
     chunks = b""
-    if icc_profile:
-        chunks += _png_chunk(b"iCCP", b"ICC profile\0\0" + zlib.compress(icc_profile))
-    if exif:
-        chunks += _png_chunk(b"eXIf", exif.removeprefix(b"Exif\0\0"))
+    if picture.icc_profile:
+        chunks += _png_chunk(b"iCCP", b"ICC profile\0\0" + zlib.compress(picture.icc_profile))
+    if picture.dpi:
+        per_metre = (round(dots / 0.0254) for dots in picture.dpi)
+        chunks += _png_chunk(b"pHYs", struct.pack(">IIB", *per_metre, 1))
+    if picture.exif:
+        chunks += _png_chunk(b"eXIf", picture.exif.removeprefix(b"Exif\0\0"))
+    if picture.xmp:  # keyword, no compression, no language, no translated keyword
+        chunks += _png_chunk(b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0" + picture.xmp)
     end_of_header = 8 + 8 + 13 + 4  # signature, IHDR length+type, IHDR body, CRC
     return png[:end_of_header] + chunks + png[end_of_header:]
+
+
+def _keep_mode(path: Path, descriptor: int) -> None:
+    """A file written over keeps its permissions, as it would if written in place."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return
+    os.fchmod(descriptor, mode)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -233,6 +332,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     try:
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(descriptor, "wb") as handle:
+            _keep_mode(path, handle.fileno())
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())

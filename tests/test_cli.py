@@ -81,6 +81,19 @@ def test_jpeg_output_with_quality(photo: Path, tmp_path: Path) -> None:
     assert Image.open(tmp_path / "x.jpg").format == "JPEG"
 
 
+def test_a_camera_jpeg_becomes_a_tiff_with_its_metadata(photo: Path, tmp_path: Path) -> None:
+    exif = Image.Exif()
+    exif[0x010F] = "Camera Maker"
+    exif.get_ifd(0x8769)[0x9003] = "2026:11:26 10:00:00"  # DateTimeOriginal, in the Exif sub-IFD
+    camera = tmp_path / "camera.jpg"
+    Image.open(photo).save(camera, exif=exif.tobytes(), dpi=(240, 240))
+    result = runner.invoke(app, ["denoise", str(camera), "-o", str(tmp_path / "camera.tif"), *WEIGHTS])
+    assert result.exit_code == 0, result.stderr
+    written = Image.open(tmp_path / "camera.tif")
+    assert written.getexif().get_ifd(0x8769)[0x9003] == "2026:11:26 10:00:00"
+    assert written.info["dpi"] == (240, 240)
+
+
 def test_stdin_to_stdout(photo: Path) -> None:
     result = runner.invoke(app, ["deblur", "-", "-o", "-", *WEIGHTS], input=photo.read_bytes())
     assert result.exit_code == 0, result.stderr

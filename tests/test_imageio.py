@@ -168,6 +168,105 @@ def test_output_format_comes_from_the_extension() -> None:
         format_for(Path("out"))
 
 
+def _camera_exif() -> Image.Exif:
+    """EXIF as cameras write it: the shooting data in the Exif sub-IFD, the position in GPS."""
+    exif = Image.Exif()
+    exif[0x010F] = "Camera Maker"
+    exif.get_ifd(0x8769)[0x9003] = "2026:11:26 10:00:00"  # DateTimeOriginal
+    exif.get_ifd(0x8825)[0x0001] = "N"  # GPSLatitudeRef
+    return exif
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "TIFF"])
+def test_camera_exif_keeps_its_sub_ifds(fmt: str) -> None:
+    source = _pil_bytes(Image.new("RGB", (8, 6), (10, 20, 30)), "JPEG", exif=_camera_exif().tobytes())
+    written = Image.open(io.BytesIO(encode_image(decode_image(source, "camera.jpg"), fmt))).getexif()
+    assert written[0x010F] == "Camera Maker"
+    assert written.get_ifd(0x8769)[0x9003] == "2026:11:26 10:00:00"
+    assert written.get_ifd(0x8825)[0x0001] == "N"
+
+
+def test_tiff_is_compressed_unless_its_exif_has_sub_ifds(capfd: pytest.CaptureFixture[str]) -> None:
+    """libtiff, which compresses, refuses the sub-IFD pointers (and says so on stderr)."""
+    plain = Image.Exif()
+    plain[0x010F] = "Camera Maker"
+    pixels = np.zeros((6, 8, 3), dtype=np.uint8)
+    assert Image.open(io.BytesIO(encode_image(Picture(pixels, exif=plain.tobytes()), "TIFF"))).info["compression"] == "tiff_lzw"
+    camera = Image.open(io.BytesIO(encode_image(Picture(pixels, exif=_camera_exif().tobytes()), "TIFF")))
+    assert camera.info["compression"] == "raw"
+    assert capfd.readouterr().err == ""
+
+
+XMP = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF><rdf:Description dc:rights="(c) someone"/></rdf:RDF></x:xmpmeta>'
+
+
+@pytest.mark.parametrize(("fmt", "dtype"), [("PNG", np.uint8), ("JPEG", np.uint8), ("WEBP", np.uint8), ("TIFF", np.uint8),
+                                            ("PNG", np.uint16)])
+def test_xmp_is_carried(fmt: str, dtype: type) -> None:
+    picture = Picture(np.zeros((6, 8, 3), dtype=dtype), exif=_camera_exif().tobytes(), xmp=XMP)
+    written = Image.open(io.BytesIO(encode_image(picture, fmt)))
+    assert written.info["xmp"] == XMP
+    assert written.getexif().get_ifd(0x8769)[0x9003] == "2026:11:26 10:00:00"
+    assert decode_image(encode_image(picture, fmt), "again").xmp == XMP
+
+
+@pytest.mark.parametrize(("fmt", "dtype"), [("PNG", np.uint8), ("JPEG", np.uint8), ("TIFF", np.uint8), ("BMP", np.uint8),
+                                            ("PNG", np.uint16), ("TIFF", np.uint16)])
+def test_dpi_is_carried(fmt: str, dtype: type) -> None:
+    picture = Picture(np.zeros((6, 8, 3), dtype=dtype), dpi=(300.0, 150.0))
+    assert decode_image(encode_image(picture, fmt), "again").dpi == pytest.approx((300.0, 150.0), abs=0.05)  # PNG, BMP: whole dots per metre
+
+
+@pytest.mark.parametrize("declared", [None, (0, 72), (72,), ("a", "b"), (float("inf"), 72), (float("nan"), 72)])
+def test_a_senseless_resolution_is_left_behind(declared: object) -> None:
+    assert imageio._dpi(declared, 1) is None
+
+
+def test_dpi_turns_with_the_image() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated a quarter turn
+    picture = decode_image(_pil_bytes(Image.new("RGB", (8, 6)), "JPEG", exif=exif.tobytes(), dpi=(300, 150)), "x")
+    assert picture.pixels.shape[:2] == (8, 6) and picture.dpi == (150.0, 300.0)
+
+
+@pytest.mark.parametrize(("mode", "key", "restored"), [("RGB", (0, 255, 0), "RGBA"), ("L", 255, "LA")])
+def test_a_colour_key_becomes_alpha(mode: str, key: object, restored: str) -> None:
+    image = Image.new(mode, (4, 3), key)
+    image.putpixel((0, 0), 0 if mode == "L" else (1, 2, 3))
+    picture = decode_image(_pil_bytes(image, "PNG", transparency=key), "keyed.png")
+    assert Image.open(io.BytesIO(encode_image(picture, "PNG"))).mode == restored
+    alpha = picture.pixels[..., -1]
+    assert alpha[0, 0] == 255 and (alpha.ravel()[1:] == 0).all()
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "TIFF"])
+def test_only_the_first_frame_is_restored_and_the_user_is_told(fmt: str, caplog: pytest.LogCaptureFixture) -> None:
+    frames = [Image.new("RGB", (8, 6), (40 * i, 0, 0)) for i in range(3)]
+    source = _pil_bytes(frames[0], fmt, save_all=True, append_images=frames[1:])
+    picture = decode_image(source, f"pages.{fmt.lower()}")
+    assert picture.pixels.shape[:2] == (6, 8)
+    assert f"pages.{fmt.lower()}: has 3 frames or pages; only the first is restored" in caplog.text
+
+
+def test_metadata_too_large_for_a_jpeg_is_dropped_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 70000  # ImageDescription
+    picture = Picture(np.zeros((6, 8, 3), dtype=np.uint8), exif=exif.tobytes(), xmp=b"y" * 70000)
+    written = Image.open(io.BytesIO(encode_image(picture, "JPEG")))
+    assert "exif" not in written.info and "xmp" not in written.info
+    assert f"EXIF of {len(exif.tobytes())} bytes is more than a JPEG can hold (65533); it is dropped" in caplog.text
+    assert "XMP of 70000 bytes is more than a JPEG can hold (65504); it is dropped" in caplog.text
+
+
+def test_sixteen_bit_colour_tiff_names_the_metadata_it_drops(caplog: pytest.LogCaptureFixture,
+                                                             capfd: pytest.CaptureFixture[str]) -> None:
+    picture = Picture(np.zeros((4, 4, 4), dtype=np.uint16), icc_profile=SRGB_ICC, xmp=XMP)
+    again = decode_image(encode_image(picture, "TIFF"), "again.tif")
+    assert again.pixels.shape == (4, 4, 4)
+    assert "16-bit colour TIFF output (written by OpenCV) keeps no ICC profile, XMP" in caplog.text
+    assert capfd.readouterr().err == ""  # OpenCV's note on the undeclared alpha channel is not shown
+
+
 def test_cmyk_becomes_rgb_without_its_cmyk_profile(caplog: pytest.LogCaptureFixture) -> None:
     """A CMYK profile cannot describe the RGB pixels written out; viewers would reject it."""
     profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
@@ -184,6 +283,14 @@ def test_write_atomic_replaces_the_whole_file(tmp_path: Path) -> None:
     write_atomic(target, b"new content")
     assert target.read_bytes() == b"new content"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
+
+
+def test_write_atomic_keeps_the_permissions_of_the_file_it_replaces(tmp_path: Path) -> None:
+    target = tmp_path / "out.png"
+    target.write_bytes(b"old")
+    target.chmod(0o640)
+    write_atomic(target, b"new")
+    assert target.stat().st_mode & 0o777 == 0o640
 
 
 def test_write_atomic_into_a_missing_directory(tmp_path: Path) -> None:
