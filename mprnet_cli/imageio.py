@@ -2,7 +2,8 @@
 
 Pillow does the formats and the metadata (EXIF orientation applied; ICC, EXIF, XMP and
 DPI carried). Pillow reads 16-bit RGB as 8 bits, so 16-bit colour PNG and TIFF pixels go
-through OpenCV instead, and 16-bit PNGs get their metadata chunks written back by hand.
+through OpenCV instead, which writes no metadata: 16-bit PNGs get their chunks inserted
+by hand, and 16-bit TIFFs a new directory (Pillow's) in front of OpenCV's strips.
 Files are written atomically: a temporary file beside the target, then a rename, so an
 interrupted run never leaves a truncated image under the final name.
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, TiffImagePlugin, TiffTags, UnidentifiedImageError
 
 from mprnet_cli.errors import InputError, OutputError
 
@@ -42,6 +43,11 @@ _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 #: libtiff cannot write them, so a TIFF that keeps them is written uncompressed by Pillow.
 _EXIF_SUB_IFDS = (0x8769, 0x8825, 0xA005)
 _TIFF_XMP_TAG = 700
+_TIFF_STRIP_OFFSETS, _TIFF_STRIP_BYTE_COUNTS, _TIFF_EXTRA_SAMPLES, _TIFF_ICC_TAG = 273, 279, 338, 34675
+_TIFF_RESOLUTION_TAGS = (282, 283, 296)  # XResolution, YResolution, ResolutionUnit
+#: Tags that describe a TIFF's layout, never taken from EXIF (where a JPEG's may hold some).
+_TIFF_LAYOUT_TAGS = frozenset({254, 255, 256, 257, 258, 259, 262, 273, 277, 278, 279, 284, 317, 322, 323, 324,
+                               325, 338, 339, 513, 514})
 #: The largest EXIF and XMP blocks a JPEG marker segment holds (Pillow's limits).
 _JPEG_MAX_EXIF = 65533
 _JPEG_MAX_XMP = 65504
@@ -136,6 +142,10 @@ def _tiff_descriptive_exif(image: Image.Image) -> bytes | None:
     for tag in _TIFF_DESCRIPTIVE_TAGS:
         if tag in tags:
             kept[tag] = tags[tag]
+    for pointer in _EXIF_SUB_IFDS:
+        section = tags.get_ifd(pointer)
+        if section:
+            kept.get_ifd(pointer).update(section)
     return kept.tobytes() if len(kept) else None
 
 
@@ -279,21 +289,46 @@ def _encode_sixteen_bit_color(pixels: np.ndarray, fmt: str, picture: Picture) ->
     import cv2
 
     order = cv2.COLOR_RGBA2BGRA if pixels.shape[2] == 4 else cv2.COLOR_RGB2BGR
-    params: list[int] = []
-    if fmt == "TIFF" and picture.dpi:
-        params = [cv2.IMWRITE_TIFF_RESUNIT, 2, cv2.IMWRITE_TIFF_XDPI, round(picture.dpi[0]),
-                  cv2.IMWRITE_TIFF_YDPI, round(picture.dpi[1])]
-    ok, encoded = cv2.imencode(".png" if fmt == "PNG" else ".tiff", cv2.cvtColor(pixels, order), params)
+    ok, encoded = cv2.imencode(".png" if fmt == "PNG" else ".tiff", cv2.cvtColor(pixels, order))
     if not ok:
         raise OutputError(f"OpenCV could not encode a 16-bit {fmt}")
     data = encoded.tobytes()
-    if fmt == "PNG":
-        return _add_png_metadata(data, picture)
-    dropped = [name for name, block in (("ICC profile", picture.icc_profile), ("EXIF", picture.exif),
-                                        ("XMP", picture.xmp)) if block]
-    if dropped:
-        logger.warning("16-bit colour TIFF output (written by OpenCV) keeps no %s", ", ".join(dropped))
-    return data
+    return _add_png_metadata(data, picture) if fmt == "PNG" else _retag_tiff(data, picture)
+
+
+def _retag_tiff(tiff: bytes, picture: Picture) -> bytes:
+    """OpenCV's TIFF with the picture's metadata, and its fourth channel declared as alpha
+    (OpenCV leaves it undeclared): Pillow writes a directory of OpenCV's tags and ours, and
+    OpenCV's strips follow it. Pillow's directory counts strip offsets from its own end."""
+    source = Image.open(io.BytesIO(tiff)).tag_v2
+    directory = TiffImagePlugin.ImageFileDirectory_v2(prefix=b"II")
+    for tag, value in source.items():
+        directory[tag] = value
+        directory.tagtype[tag] = source.tagtype[tag]
+    counts = source[_TIFF_STRIP_BYTE_COUNTS]
+    strips = b"".join(tiff[start:start + count] for start, count in zip(source[_TIFF_STRIP_OFFSETS], counts))
+    directory[_TIFF_STRIP_OFFSETS] = tuple(sum(counts[:index]) for index in range(len(counts)))
+    directory.tagtype[_TIFF_STRIP_OFFSETS] = TiffTags.LONG
+    if len(source[258]) == 4:  # BitsPerSample: RGBA
+        directory[_TIFF_EXTRA_SAMPLES] = (2,)  # unassociated alpha
+    if picture.exif:
+        exif = Image.Exif()
+        exif.load(picture.exif)
+        for tag, value in exif.items():
+            if tag in _EXIF_SUB_IFDS:
+                directory[tag] = dict(exif.get_ifd(tag))
+                directory.tagtype[tag] = TiffTags.LONG
+            elif tag not in _TIFF_LAYOUT_TAGS:
+                directory[tag] = value
+    if picture.dpi:
+        directory[_TIFF_RESOLUTION_TAGS[0]], directory[_TIFF_RESOLUTION_TAGS[1]] = picture.dpi
+        directory[_TIFF_RESOLUTION_TAGS[2]] = 2  # inches
+    if picture.icc_profile:
+        directory[_TIFF_ICC_TAG] = picture.icc_profile
+    if picture.xmp:
+        directory[_TIFF_XMP_TAG] = picture.xmp
+    header = b"II*\0" + struct.pack("<I", 8)
+    return header + directory.tobytes(len(header)) + strips
 
 
 def _png_chunk(kind: bytes, body: bytes) -> bytes:

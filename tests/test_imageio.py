@@ -201,7 +201,7 @@ XMP = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF><rdf:Description dc:rights=
 
 
 @pytest.mark.parametrize(("fmt", "dtype"), [("PNG", np.uint8), ("JPEG", np.uint8), ("WEBP", np.uint8), ("TIFF", np.uint8),
-                                            ("PNG", np.uint16)])
+                                            ("PNG", np.uint16), ("TIFF", np.uint16)])
 def test_xmp_is_carried(fmt: str, dtype: type) -> None:
     picture = Picture(np.zeros((6, 8, 3), dtype=dtype), exif=_camera_exif().tobytes(), xmp=XMP)
     written = Image.open(io.BytesIO(encode_image(picture, fmt)))
@@ -258,13 +258,28 @@ def test_metadata_too_large_for_a_jpeg_is_dropped_with_a_warning(caplog: pytest.
     assert "XMP of 70000 bytes is more than a JPEG can hold (65504); it is dropped" in caplog.text
 
 
-def test_sixteen_bit_colour_tiff_names_the_metadata_it_drops(caplog: pytest.LogCaptureFixture,
-                                                             capfd: pytest.CaptureFixture[str]) -> None:
-    picture = Picture(np.zeros((4, 4, 4), dtype=np.uint16), icc_profile=SRGB_ICC, xmp=XMP)
-    again = decode_image(encode_image(picture, "TIFF"), "again.tif")
-    assert again.pixels.shape == (4, 4, 4)
-    assert "16-bit colour TIFF output (written by OpenCV) keeps no ICC profile, XMP" in caplog.text
-    assert capfd.readouterr().err == ""  # OpenCV's note on the undeclared alpha channel is not shown
+@pytest.mark.parametrize("channels", [3, 4])
+def test_sixteen_bit_colour_tiff_keeps_every_kind_of_metadata(channels: int, capfd: pytest.CaptureFixture[str]) -> None:
+    """OpenCV writes the pixels; the directory in front of them is ours."""
+    pixels = RNG.integers(0, 65536, (70, 9, channels), dtype=np.uint16)  # OpenCV: several strips
+    picture = Picture(pixels, icc_profile=SRGB_ICC, exif=_camera_exif().tobytes(), xmp=XMP, dpi=(300.0, 150.0))
+    data = encode_image(picture, "TIFF")
+    again = decode_image(data, "again.tif")
+    np.testing.assert_array_equal(again.pixels, pixels)
+    assert (again.icc_profile, again.xmp, again.dpi) == (SRGB_ICC, XMP, (300.0, 150.0))
+    written = Image.open(io.BytesIO(data))
+    assert written.getexif()[0x010F] == "Camera Maker"
+    assert written.getexif().get_ifd(0x8769)[0x9003] == "2026:11:26 10:00:00"
+    assert written.tag_v2.get(338) == ((2,) if channels == 4 else None)  # ExtraSamples: alpha
+    assert capfd.readouterr().err == ""  # libtiff, reading it back through OpenCV, found nothing to say
+
+
+def test_a_tiff_sources_camera_exif_is_carried() -> None:
+    source = _pil_bytes(Image.new("RGB", (8, 6)), "TIFF", exif=_camera_exif().tobytes())
+    written = Image.open(io.BytesIO(encode_image(decode_image(source, "scan.tif"), "PNG"))).getexif()
+    assert written[0x010F] == "Camera Maker"
+    assert written.get_ifd(0x8769)[0x9003] == "2026:11:26 10:00:00"
+    assert written.get_ifd(0x8825)[0x0001] == "N"
 
 
 def test_cmyk_becomes_rgb_without_its_cmyk_profile(caplog: pytest.LogCaptureFixture) -> None:
