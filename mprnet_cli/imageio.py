@@ -42,6 +42,7 @@ _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 #: EXIF pointers to sub-IFDs (Exif, GPS, interoperability), which every camera writes.
 #: libtiff cannot write them, so a TIFF that keeps them is written uncompressed by Pillow.
 _EXIF_SUB_IFDS = (0x8769, 0x8825, 0xA005)
+_PIXEL_X_DIMENSION, _PIXEL_Y_DIMENSION = 0xA002, 0xA003  # in the Exif sub-IFD
 _TIFF_XMP_TAG = 700
 _TIFF_STRIP_OFFSETS, _TIFF_STRIP_BYTE_COUNTS, _TIFF_EXTRA_SAMPLES, _TIFF_ICC_TAG = 273, 279, 338, 34675
 _TIFF_RESOLUTION_TAGS = (282, 283, 296)  # XResolution, YResolution, ResolutionUnit
@@ -109,6 +110,8 @@ def decode_image(data: bytes, label: str, max_pixels: int | None = None) -> Pict
         tiff_exif = _tiff_descriptive_exif(image) if image.format == "TIFF" else None
         image = ImageOps.exif_transpose(image)
         exif = tiff_exif or image.info.get("exif") or None
+        if orientation in _TRANSPOSING_ORIENTATIONS:
+            exif = _turned_exif(exif)
         if image.mode == "CMYK":
             # The pixels become RGB, which a CMYK profile cannot describe: keeping it would
             # make colour-managed viewers reject the output or misread its colours.
@@ -134,6 +137,19 @@ def _dpi(declared: Any, orientation: int) -> tuple[float, float] | None:
     if not all(math.isfinite(v) and v > 0 for v in (x, y)):
         return None
     return (y, x) if orientation in _TRANSPOSING_ORIENTATIONS else (x, y)
+
+
+def _turned_exif(exif: bytes | None) -> bytes | None:
+    """After a quarter turn, the pixel dimensions that cameras record must swap too."""
+    if not exif:
+        return exif
+    tags = Image.Exif()
+    tags.load(exif)
+    section = tags.get_ifd(_EXIF_SUB_IFDS[0])
+    if _PIXEL_X_DIMENSION not in section or _PIXEL_Y_DIMENSION not in section:
+        return exif
+    section[_PIXEL_X_DIMENSION], section[_PIXEL_Y_DIMENSION] = section[_PIXEL_Y_DIMENSION], section[_PIXEL_X_DIMENSION]
+    return tags.tobytes()
 
 
 def _tiff_descriptive_exif(image: Image.Image) -> bytes | None:

@@ -217,6 +217,17 @@ def test_dpi_is_carried(fmt: str, dtype: type) -> None:
     assert decode_image(encode_image(picture, fmt), "again").dpi == pytest.approx((300.0, 150.0), abs=0.05)  # PNG, BMP: whole dots per metre
 
 
+def test_a_quarter_turn_swaps_the_recorded_pixel_dimensions() -> None:
+    exif = _camera_exif()
+    exif[0x0112] = 6
+    exif.get_ifd(0x8769).update({0xA002: 8, 0xA003: 6})  # PixelXDimension, PixelYDimension
+    picture = decode_image(_pil_bytes(Image.new("RGB", (8, 6)), "JPEG", exif=exif.tobytes()), "x")
+    written = Image.open(io.BytesIO(encode_image(picture, "JPEG")))
+    section = written.getexif().get_ifd(0x8769)
+    assert written.size == (6, 8) and (section[0xA002], section[0xA003]) == (6, 8)
+    assert section[0x9003] == "2026:11:26 10:00:00"
+
+
 @pytest.mark.parametrize("declared", [None, (0, 72), (72,), ("a", "b"), (float("inf"), 72), (float("nan"), 72)])
 def test_a_senseless_resolution_is_left_behind(declared: object) -> None:
     assert imageio._dpi(declared, 1) is None
