@@ -3,7 +3,7 @@
 Pillow does the formats and the metadata (EXIF orientation applied; ICC, EXIF, XMP and
 DPI carried). Pillow reads 16-bit RGB as 8 bits, so 16-bit colour PNG and TIFF pixels go
 through OpenCV instead, which writes no metadata: 16-bit PNGs get their chunks inserted
-by hand, and 16-bit TIFFs a new directory (Pillow's) in front of OpenCV's strips.
+by hand. Every TIFF gets its metadata in a directory of its own in front of its strips.
 Files are written atomically: a temporary file beside the target, then a rename, so an
 interrupted run never leaves a truncated image under the final name.
 """
@@ -35,12 +35,11 @@ Image.MAX_IMAGE_PIXELS = None
 #: Output extensions and the Pillow format each one writes.
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP"}
 _SIXTEEN_BIT_FORMATS = {"PNG", "TIFF"}
-_METADATA_FORMATS = {"PNG", "JPEG", "WEBP", "TIFF"}
+_METADATA_FORMATS = {"PNG", "JPEG", "WEBP"}  # and TIFF, in a directory of our own
 _EXIF_ORIENTATION = 0x0112
 #: Orientations that swap width and height.
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 #: EXIF pointers to sub-IFDs (Exif, GPS, interoperability), which every camera writes.
-#: libtiff cannot write them, so a TIFF that keeps them is written uncompressed by Pillow.
 _EXIF_SUB_IFDS = (0x8769, 0x8825, 0xA005)
 _PIXEL_X_DIMENSION, _PIXEL_Y_DIMENSION = 0xA002, 0xA003  # in the Exif sub-IFD
 _TIFF_XMP_TAG = 700
@@ -129,12 +128,13 @@ def decode_image(data: bytes, label: str, max_pixels: int | None = None) -> Pict
 
 
 def _dpi(declared: Any, orientation: int) -> tuple[float, float] | None:
-    """A resolution that makes no sense (zero, a zero denominator, text) is left behind."""
+    """A resolution that makes no sense (zero, a zero denominator, text) is left behind, and
+    so is 1x1, which Pillow reports for a TIFF that declares none (and writes by default)."""
     try:
         x, y = (float(v) for v in declared)
     except (TypeError, ValueError, ZeroDivisionError):
         return None
-    if not all(math.isfinite(v) and v > 0 for v in (x, y)):
+    if not all(math.isfinite(v) and v > 0 for v in (x, y)) or (x, y) == (1.0, 1.0):
         return None
     return (y, x) if orientation in _TRANSPOSING_ORIENTATIONS else (x, y)
 
@@ -243,22 +243,26 @@ def encode_image(picture: Picture, fmt: str, quality: int = 95) -> bytes:
         pixels = np.round(pixels / 257.0).astype(np.uint8)
     if pixels.dtype == np.uint16 and pixels.ndim == 3:
         return _encode_sixteen_bit_color(pixels, fmt, picture)
+    if fmt == "TIFF":
+        return _retag_tiff(_pil_bytes(pixels, fmt, compression="tiff_lzw"), picture)
     options = _metadata_options(picture, fmt)
     if fmt == "JPEG":
         options.update(quality=quality, subsampling=0 if quality >= 90 else 2)
     elif fmt == "WEBP":
         options.update(quality=quality, lossless=quality >= 100)
-    elif fmt == "TIFF" and not _has_sub_ifds(picture.exif):
-        options.update(compression="tiff_lzw")
+    return _pil_bytes(pixels, fmt, **options)
+
+
+def _pil_bytes(pixels: np.ndarray, fmt: str, **options: object) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format=fmt, **options)
     return buffer.getvalue()
 
 
 def _metadata_options(picture: Picture, fmt: str) -> dict[str, object]:
-    """Pillow's save options for the metadata that `fmt` can hold."""
+    """Pillow's save options for the metadata that `fmt` (not TIFF) can hold."""
     options: dict[str, object] = {}
-    if picture.dpi and fmt in ("PNG", "JPEG", "TIFF", "BMP"):
+    if picture.dpi and fmt in ("PNG", "JPEG", "BMP"):
         options["dpi"] = picture.dpi
     if fmt not in _METADATA_FORMATS:
         return options
@@ -273,12 +277,6 @@ def _metadata_options(picture: Picture, fmt: str) -> dict[str, object]:
         info = PngImagePlugin.PngInfo()
         info.add_itxt("XML:com.adobe.xmp", xmp.decode("utf-8", "replace"))
         options["pnginfo"] = info
-    elif xmp and fmt == "TIFF":  # a tag of the image's own directory, beside EXIF's
-        tags = Image.Exif()
-        if exif:
-            tags.load(exif)
-        tags[_TIFF_XMP_TAG] = xmp
-        options["exif"] = tags
     return options
 
 
@@ -287,14 +285,6 @@ def _fits_jpeg(block: bytes | None, limit: int, name: str) -> bytes | None:
         logger.warning("%s of %d bytes is more than a JPEG can hold (%d); it is dropped", name, len(block), limit)
         return None
     return block
-
-
-def _has_sub_ifds(exif: bytes | None) -> bool:
-    if not exif:
-        return False
-    tags = Image.Exif()
-    tags.load(exif)
-    return any(tag in tags for tag in _EXIF_SUB_IFDS)
 
 
 def _has_alpha(pixels: np.ndarray) -> bool:
@@ -313,9 +303,11 @@ def _encode_sixteen_bit_color(pixels: np.ndarray, fmt: str, picture: Picture) ->
 
 
 def _retag_tiff(tiff: bytes, picture: Picture) -> bytes:
-    """OpenCV's TIFF with the picture's metadata, and its fourth channel declared as alpha
-    (OpenCV leaves it undeclared): Pillow writes a directory of OpenCV's tags and ours, and
-    OpenCV's strips follow it. Pillow's directory counts strip offsets from its own end."""
+    """A TIFF of bare pixels with the picture's metadata, and a fourth channel declared as
+    alpha (OpenCV leaves it undeclared): Pillow writes a directory of the pixels' tags and
+    ours, and their strips follow it. Pillow's directory counts strip offsets from its own
+    end. Pillow's TIFF writer cannot do this itself: libtiff, which compresses, refuses
+    the EXIF sections (Exif, GPS) that cameras write."""
     source = Image.open(io.BytesIO(tiff)).tag_v2
     directory = TiffImagePlugin.ImageFileDirectory_v2(prefix=b"II")
     for tag, value in source.items():
@@ -336,6 +328,8 @@ def _retag_tiff(tiff: bytes, picture: Picture) -> bytes:
                 directory.tagtype[tag] = TiffTags.LONG
             elif tag not in _TIFF_LAYOUT_TAGS:
                 directory[tag] = value
+    for tag in _TIFF_RESOLUTION_TAGS:  # Pillow's default of 1, unless the picture has one
+        directory.pop(tag, None)
     if picture.dpi:
         directory[_TIFF_RESOLUTION_TAGS[0]], directory[_TIFF_RESOLUTION_TAGS[1]] = picture.dpi
         directory[_TIFF_RESOLUTION_TAGS[2]] = 2  # inches

@@ -186,14 +186,15 @@ def test_camera_exif_keeps_its_sub_ifds(fmt: str) -> None:
     assert written.get_ifd(0x8825)[0x0001] == "N"
 
 
-def test_tiff_is_compressed_unless_its_exif_has_sub_ifds(capfd: pytest.CaptureFixture[str]) -> None:
-    """libtiff, which compresses, refuses the sub-IFD pointers (and says so on stderr)."""
-    plain = Image.Exif()
-    plain[0x010F] = "Camera Maker"
-    pixels = np.zeros((6, 8, 3), dtype=np.uint8)
-    assert Image.open(io.BytesIO(encode_image(Picture(pixels, exif=plain.tobytes()), "TIFF"))).info["compression"] == "tiff_lzw"
-    camera = Image.open(io.BytesIO(encode_image(Picture(pixels, exif=_camera_exif().tobytes()), "TIFF")))
-    assert camera.info["compression"] == "raw"
+@pytest.mark.parametrize("pixels", [np.zeros((6, 8, 3), dtype=np.uint8), np.zeros((6, 8, 2), dtype=np.uint8),
+                                    np.zeros((6, 8), dtype=np.uint16)])
+def test_tiff_with_camera_exif_is_still_compressed(pixels: np.ndarray, capfd: pytest.CaptureFixture[str]) -> None:
+    """libtiff, Pillow's compressor, refuses EXIF's sub-IFD pointers (and says so on stderr)."""
+    data = encode_image(Picture(pixels, exif=_camera_exif().tobytes(), icc_profile=SRGB_ICC), "TIFF")
+    written = Image.open(io.BytesIO(data))
+    assert written.info["compression"] == "tiff_lzw" and written.info["icc_profile"] == SRGB_ICC
+    assert written.getexif().get_ifd(0x8769)[0x9003] == "2026:11:26 10:00:00"
+    np.testing.assert_array_equal(decode_image(data, "again").pixels, pixels)
     assert capfd.readouterr().err == ""
 
 
@@ -228,9 +229,16 @@ def test_a_quarter_turn_swaps_the_recorded_pixel_dimensions() -> None:
     assert section[0x9003] == "2026:11:26 10:00:00"
 
 
-@pytest.mark.parametrize("declared", [None, (0, 72), (72,), ("a", "b"), (float("inf"), 72), (float("nan"), 72)])
+@pytest.mark.parametrize("declared", [None, (0, 72), (72,), ("a", "b"), (float("inf"), 72), (float("nan"), 72), (1, 1)])
 def test_a_senseless_resolution_is_left_behind(declared: object) -> None:
     assert imageio._dpi(declared, 1) is None
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "PNG", "JPEG"])
+def test_no_resolution_stays_none(fmt: str) -> None:
+    """Pillow reports 1x1 dpi for a TIFF without one; passed on, printers would get 1 dot per inch."""
+    for pixels in (np.zeros((6, 8, 3), dtype=np.uint8), np.zeros((6, 8, 3), dtype=np.uint16)):
+        assert decode_image(encode_image(Picture(pixels), fmt), "x").dpi is None
 
 
 def test_dpi_turns_with_the_image() -> None:
