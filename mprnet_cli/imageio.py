@@ -69,6 +69,8 @@ class Picture:
     xmp: bytes | None = None
     #: Pixels per inch, horizontal and vertical, as the source declared them.
     dpi: tuple[float, float] | None = None
+    #: A PNG's colour chunks other than its ICC profile (sRGB, gAMA, cHRM), for PNG output.
+    png_colour: tuple[tuple[bytes, bytes], ...] = ()
 
     def with_pixels(self, pixels: np.ndarray) -> Picture:
         return replace(self, pixels=pixels)
@@ -105,6 +107,7 @@ def decode_image(data: bytes, label: str, max_pixels: int | None = None) -> Pict
         icc_profile = image.info.get("icc_profile") or None
         xmp = image.info.get("xmp") or None
         dpi = _dpi(image.info.get("dpi"), orientation)
+        png_colour = _png_colour_chunks(image.info) if image.format == "PNG" else ()
         sixteen_bit_color = _is_sixteen_bit_color(image, data)
         tiff_exif = _tiff_descriptive_exif(image) if image.format == "TIFF" else None
         image = ImageOps.exif_transpose(image)
@@ -124,7 +127,19 @@ def decode_image(data: bytes, label: str, max_pixels: int | None = None) -> Pict
         raise InputError(f"{label}: not an image, or a format mprnet cannot read") from None
     except (OSError, SyntaxError, ValueError, struct.error) as error:
         raise InputError(f"{label}: truncated or corrupt image ({error})") from None
-    return Picture(pixels=pixels, icc_profile=icc_profile, exif=exif, xmp=xmp, dpi=dpi)
+    return Picture(pixels=pixels, icc_profile=icc_profile, exif=exif, xmp=xmp, dpi=dpi, png_colour=png_colour)
+
+
+def _png_colour_chunks(info: dict[str, Any]) -> tuple[tuple[bytes, bytes], ...]:
+    """The chunks again from the values Pillow parsed them into (in units of 1/100000)."""
+    chunks = []
+    if "srgb" in info:
+        chunks.append((b"sRGB", struct.pack(">B", info["srgb"])))
+    if "gamma" in info:
+        chunks.append((b"gAMA", struct.pack(">I", round(info["gamma"] * 100000))))
+    if "chromaticity" in info:
+        chunks.append((b"cHRM", struct.pack(">8I", *(round(v * 100000) for v in info["chromaticity"]))))
+    return tuple(chunks)
 
 
 def _dpi(declared: Any, orientation: int) -> tuple[float, float] | None:
@@ -273,9 +288,12 @@ def _metadata_options(picture: Picture, fmt: str) -> dict[str, object]:
     options.update({k: v for k, v in (("icc_profile", picture.icc_profile), ("exif", exif)) if v})
     if xmp and fmt in ("JPEG", "WEBP"):
         options["xmp"] = xmp
-    elif xmp and fmt == "PNG":
+    if fmt == "PNG" and (xmp or picture.png_colour):
         info = PngImagePlugin.PngInfo()
-        info.add_itxt("XML:com.adobe.xmp", xmp.decode("utf-8", "replace"))
+        for kind, body in picture.png_colour:
+            info.add(kind, body)
+        if xmp:
+            info.add_itxt("XML:com.adobe.xmp", xmp.decode("utf-8", "replace"))
         options["pnginfo"] = info
     return options
 
@@ -346,11 +364,13 @@ def _png_chunk(kind: bytes, body: bytes) -> bytes:
 
 
 def _add_png_metadata(png: bytes, picture: Picture) -> bytes:
-    """Insert iCCP, pHYs, eXIf and iTXt (XMP) chunks right after IHDR (the first three must
-    come before the image data)."""
+    """Insert the metadata chunks right after IHDR (all but iTXt must come before the image
+    data, and the colour ones before any palette)."""
     chunks = b""
     if picture.icc_profile:
         chunks += _png_chunk(b"iCCP", b"ICC profile\0\0" + zlib.compress(picture.icc_profile))
+    for kind, body in picture.png_colour:
+        chunks += _png_chunk(kind, body)
     if picture.dpi:
         per_metre = (round(dots / 0.0254) for dots in picture.dpi)
         chunks += _png_chunk(b"pHYs", struct.pack(">IIB", *per_metre, 1))

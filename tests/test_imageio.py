@@ -8,7 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from PIL import Image, ImageCms, ImageOps
+from PIL import Image, ImageCms, ImageOps, PngImagePlugin
 
 from mprnet_cli import imageio
 from mprnet_cli.errors import InputError, OutputError
@@ -239,6 +239,26 @@ def test_no_resolution_stays_none(fmt: str) -> None:
     """Pillow reports 1x1 dpi for a TIFF without one; passed on, printers would get 1 dot per inch."""
     for pixels in (np.zeros((6, 8, 3), dtype=np.uint8), np.zeros((6, 8, 3), dtype=np.uint16)):
         assert decode_image(encode_image(Picture(pixels), fmt), "x").dpi is None
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_a_pngs_colour_chunks_are_carried(dtype: type) -> None:
+    info = PngImagePlugin.PngInfo()
+    info.add(b"gAMA", (55000).to_bytes(4, "big"))
+    info.add(b"cHRM", b"".join(round(v * 100000).to_bytes(4, "big") for v in (0.3127, 0.329, 0.64, 0.33, 0.3, 0.6, 0.15, 0.06)))
+    source = _pil_bytes(Image.fromarray(np.zeros((6, 8, 3), dtype=np.uint8)), "PNG", pnginfo=info)
+    picture = decode_image(source, "gamma.png")
+    written = Image.open(io.BytesIO(encode_image(picture.with_pixels(picture.pixels.astype(dtype)), "PNG")))
+    assert written.info["gamma"] == 0.55
+    assert written.info["chromaticity"] == (0.3127, 0.329, 0.64, 0.33, 0.3, 0.6, 0.15, 0.06)
+    srgb = decode_image(_pil_bytes(Image.new("RGB", (4, 4)), "PNG", pnginfo=_srgb_chunk()), "s.png")
+    assert Image.open(io.BytesIO(encode_image(srgb, "PNG"))).info["srgb"] == 0
+
+
+def _srgb_chunk() -> PngImagePlugin.PngInfo:
+    info = PngImagePlugin.PngInfo()
+    info.add(b"sRGB", b"\0")  # perceptual
+    return info
 
 
 def test_dpi_turns_with_the_image() -> None:
