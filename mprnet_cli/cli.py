@@ -202,7 +202,8 @@ MaxPixelsOption = Annotated[
 
 
 def _interrupt_on_sigterm() -> None:
-    """SIGTERM stops a batch the way Ctrl-C does: finish writes in flight, summarise, exit 130."""
+    """SIGTERM stops a run the way Ctrl-C does: in a batch, finish writes in flight and
+    summarise; exit 130."""
 
     def handler(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
@@ -248,11 +249,12 @@ class _Report:
         if self.bar is None or total < 2:
             return
         now = time.perf_counter()
-        if self.tiles is None:
+        if self.tiles is None:  # at 0 done, the restorer's call before the first tile
             self.tiles_started = now
             self.tiles = self.bar.add_task("  tiles", total=total, rate="")
-        rate = done / max(now - self.tiles_started, 1e-9)
-        self.bar.update(self.tiles, completed=done, rate=f"{rate:.2f} tiles/s")
+        if done:
+            rate = done / max(now - self.tiles_started, 1e-9)
+            self.bar.update(self.tiles, completed=done, rate=f"{rate:.2f} tiles/s")
 
     def outcome(self, outcome: Outcome) -> None:
         from mprnet_cli.pipeline import STDIO
@@ -317,6 +319,7 @@ def _make_task_command(task: str):  # noqa: ANN202 - Typer reads the signature o
         quality: QualityOption = 95,
         quiet: QuietOption = False,
     ) -> None:
+        _interrupt_on_sigterm()  # from here: loading and downloading weights can take long
         _configure_logging(quiet)
         with _user_errors():
             tile_size = _parse_tile(tile)
@@ -352,7 +355,6 @@ def _run_batch(restorer: Restorer, plan: Plan, quality: int, max_pixels: int | N
     stdout_format = FORMATS[extension] if extension else "PNG"
     interrupted = False
     first_error = None
-    _interrupt_on_sigterm()
     outcomes = pipeline.run_jobs(restorer, jobs, quality=quality, max_pixels=max_pixels,
                                  stdout_format=stdout_format, on_start=report.start, on_tiles=report.tile_progress)
     try:
@@ -527,9 +529,9 @@ def main() -> None:
 def _run_app() -> None:
     try:
         result = app(prog_name="mprnet", standalone_mode=False)
-    except typer.Abort:
-        typer.echo("aborted", err=True)
-        sys.exit(1)
+    except typer.Abort:  # Click's word for Ctrl-C (or SIGTERM) before a command took over
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
     except Exception as error:
         # Typer's vendored Click raises UsageError and friends; they are not exported, so
         # recognise them by what they carry.

@@ -10,6 +10,7 @@ interrupted run never leaves a truncated image under the final name.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
@@ -120,7 +121,7 @@ def decode_image(data: bytes, label: str, max_pixels: int | None = None) -> Pict
             logger.warning("%s: CMYK is converted to RGB without colour management%s", label,
                            "; its CMYK colour profile is dropped" if icc_profile else "")
             image, icc_profile = image.convert("RGB"), None
-        pixels = _decode_sixteen_bit(data, orientation) if sixteen_bit_color else _pil_pixels(image, label)
+        pixels = _decode_sixteen_bit(data, orientation) if sixteen_bit_color else pil_pixels(image, label)
     except UnidentifiedImageError:
         if data.startswith(_IMAGE_SIGNATURES):
             raise InputError(f"{label}: truncated or corrupt image (its header is unreadable)") from None
@@ -219,7 +220,9 @@ def _orient(pixels: np.ndarray, orientation: int) -> np.ndarray:
     return transforms[orientation](pixels) if orientation in transforms else pixels
 
 
-def _pil_pixels(image: Image.Image, label: str) -> np.ndarray:
+def pil_pixels(image: Image.Image, label: str) -> np.ndarray:
+    """The pixels of a decoded Pillow image in a layout `Restorer.restore_array` takes:
+    16 bits kept, palettes and colour keys resolved, 32-bit modes refused (InputError)."""
     if image.mode.startswith("I;16"):
         return np.asarray(image).astype(np.uint16)
     if image.mode in ("I", "F"):
@@ -393,7 +396,8 @@ def _keep_mode(path: Path, descriptor: int) -> None:
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that readers only ever see the old file or the whole new one."""
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
+    # Short, so that a target name near the file system's limit still fits.
+    temporary = path.with_name(f".mprnet-{secrets.token_hex(4)}.partial")
     try:
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(descriptor, "wb") as handle:
@@ -403,9 +407,15 @@ def write_atomic(path: Path, data: bytes) -> None:
             os.fsync(handle.fileno())
         os.replace(temporary, path)
     except OSError as error:
-        temporary.unlink(missing_ok=True)
+        _remove(temporary)
         reason = error.strerror or str(error)
         raise OutputError(f"{path}: cannot write ({reason})") from None
     except BaseException:
-        temporary.unlink(missing_ok=True)
+        _remove(temporary)
         raise
+
+
+def _remove(temporary: Path) -> None:
+    """Cleaning up must not replace the error that made it necessary."""
+    with contextlib.suppress(OSError):
+        temporary.unlink(missing_ok=True)

@@ -117,8 +117,8 @@ def _expand(argument: str, recursive: bool) -> list[tuple[Path, Path]] | None:
     path = Path(argument)
     if path.is_dir():
         pattern = "**/*" if recursive else "*"
-        return [(p, p.relative_to(path)) for p in sorted(path.glob(pattern)) if p.is_file()]
-    if glob.has_magic(argument):
+        return [(p, p.relative_to(path)) for p in sorted(path.glob(pattern)) if p.is_file() or _is_broken_link(p)]
+    if glob.has_magic(argument) and not path.exists():  # `photo[1].png` that exists is that file
         # Mirror structure below the pattern's literal leading folders: `shots/*/x.png` -> `<day>/x.png`.
         literal = []
         for part in path.parts:
@@ -127,8 +127,12 @@ def _expand(argument: str, recursive: bool) -> list[tuple[Path, Path]] | None:
             literal.append(part)
         root = Path(*literal) if literal else Path()
         matches = sorted(Path(p) for p in glob.glob(argument, recursive=recursive))
-        return [(p, p.relative_to(root)) for p in matches if p.is_file()]
+        return [(p, p.relative_to(root)) for p in matches if p.is_file() or _is_broken_link(p)]
     return None
+
+
+def _is_broken_link(path: Path) -> bool:
+    return path.is_symlink() and not path.exists()
 
 
 def default_target(source: Path, task: str) -> Path:
@@ -246,9 +250,13 @@ def _collect_sources(inputs: list[str], recursive: bool) -> tuple[list[tuple[Pat
                 sources.append((path, Path(path.name)))
             continue
         batch = True
+        # A glob leaves hidden files out itself unless its pattern asks for them (`.*`).
+        in_directory = Path(argument).is_dir()
         for path, relative in expanded:
-            if _is_hidden(relative):
+            if in_directory and _is_hidden(relative):
                 skipped.append((str(path), "hidden"))
+            elif _is_broken_link(path):
+                skipped.append((str(path), "a broken link"))
             elif not _looks_like_an_image(path, image_extensions):
                 skipped.append((str(path), "not an image"))
             else:
@@ -323,6 +331,8 @@ def restore_picture(restorer: Restorer, picture: Picture, progress: Progress | N
 
 def _read(source: str, max_pixels: int | None) -> Picture:
     if source == STDIO:
+        if sys.stdin is None:  # started with `<&-`
+            raise InputError("-: standard input is closed")
         return decode_image(sys.stdin.buffer.read(), "stdin", max_pixels)
     return read_image(Path(source), max_pixels)
 

@@ -62,6 +62,10 @@ def check_tile_options(tile: int | None, overlap: int, blend: str) -> None:
     """Raise TileOptionError, in words a user can act on, for options no tiling can honour."""
     if blend not in BLENDS:
         raise TileOptionError("tile_blend", f"unknown tile blend {blend!r}: expected one of {', '.join(BLENDS)}")
+    if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int)):
+        raise TileOptionError("tile", f"tile size {tile!r}: expected a whole number of pixels, 0 for none, or None for auto")
+    if isinstance(overlap, bool) or not isinstance(overlap, int):
+        raise TileOptionError("tile_overlap", f"tile overlap {overlap!r}: expected a whole number of pixels")
     if tile is not None and tile != 0 and (tile < MIN_TILE or tile % 8):
         raise TileOptionError("tile",
                               f"tile size {tile}: must be a multiple of 8 and at least {MIN_TILE} (or 0 for none)")

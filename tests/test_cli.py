@@ -6,8 +6,10 @@ import io
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -282,6 +284,23 @@ def test_real_executable_into_a_closed_pipe_is_one_line(photo: Path) -> None:
         2, b"error: stdout: the reading end of the pipe closed before the image was written\n")
 
 
+def test_real_executable_with_stdin_closed_is_one_line(photo: Path, tmp_path: Path) -> None:
+    result = _run(f"'{MPRNET}' denoise - -o '{tmp_path / 'x.png'}' --weights '{TINY_CHECKPOINT}' <&-", shell=True)
+    assert (result.returncode, result.stderr.decode()) == (2, "error: -: standard input is closed\n")
+
+
+def test_real_executable_stops_on_sigterm_while_loading_weights(tmp_path: Path) -> None:
+    """Opening a FIFO blocks until a writer comes: a load that takes as long as wanted."""
+    fifo = tmp_path / "weights.pth"
+    os.mkfifo(fifo)
+    process = subprocess.Popen([str(MPRNET), "denoise", str(PARITY / "input_61x45.png"), "-o", str(tmp_path / "x.png"),
+                                "--weights", str(fifo)], stderr=subprocess.PIPE, env={**os.environ, "NO_COLOR": "1"})
+    time.sleep(3)  # well past the imports
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=30)
+    assert (process.returncode, stderr.decode()) == (130, "interrupted\n")
+
+
 def test_real_executable_help_is_fast_and_has_examples() -> None:
     finished = _run([str(MPRNET), "--help"])
     assert finished.returncode == 0
@@ -305,7 +324,9 @@ def test_tile_progress_bar_only_on_a_terminal_and_never_when_quiet(monkeypatch: 
     report = _Report(total=1, quiet=False)
     report.tile_progress(1, 1)  # one tile: no bar for it
     assert report.tiles is None
-    report.tile_progress(2, 6)
+    report.tile_progress(0, 6)  # shown from the start, with no rate until a tile is done
     task = report.bar.tasks[-1]
+    assert (task.completed, task.total, task.fields["rate"]) == (0, 6, "")
+    report.tile_progress(2, 6)
     assert (task.completed, task.total) == (2, 6) and task.fields["rate"].endswith("tiles/s")
     report.close(skipped=0, interrupted=False)

@@ -347,6 +347,18 @@ def test_write_atomic_keeps_the_permissions_of_the_file_it_replaces(tmp_path: Pa
     assert target.stat().st_mode & 0o777 == 0o640
 
 
+def test_write_atomic_takes_a_name_at_the_file_systems_limit(tmp_path: Path) -> None:
+    target = tmp_path / ("x" * 251 + ".png")  # 255 bytes: the most ext4 and most others take
+    write_atomic(target, b"new")
+    assert target.read_bytes() == b"new" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_write_atomic_over_the_limit_is_one_plain_error(tmp_path: Path) -> None:
+    target = tmp_path / ("x" * 252 + ".png")
+    with pytest.raises(OutputError, match=r"cannot write \(File name too long\)$"):
+        write_atomic(target, b"new")
+
+
 def test_write_atomic_into_a_missing_directory(tmp_path: Path) -> None:
     with pytest.raises(OutputError) as error:
         write_atomic(tmp_path / "missing" / "out.png", b"x")

@@ -82,6 +82,28 @@ def test_globs_and_files_mixed_with_a_suffix(tree: Path, tmp_path: Path) -> None
     assert [j.target for j in plan.jobs] == [str(out / "deeper" / "d_x.tif"), str(out / "a_x.png")]
 
 
+def test_an_existing_file_with_glob_characters_in_its_name_is_that_file(tmp_path: Path) -> None:
+    bracketed = write_image(tmp_path / "photo[1].png")
+    write_image(tmp_path / "photo1.png")  # what `photo[1].png` would match as a pattern
+    plan = plan_jobs([str(bracketed)], OutputNaming("deblur"))
+    assert plan.jobs == [Job(str(bracketed), str(tmp_path / "photo[1]_deblurred.png"))]
+
+
+def test_a_broken_link_in_a_folder_is_reported(tree: Path, tmp_path: Path) -> None:
+    (tree / "gone.png").symlink_to(tree / "missing.png")
+    plan = plan_jobs([str(tree)], OutputNaming("derain", output=str(tmp_path / "out")))
+    assert (str(tree / "gone.png"), "a broken link") in plan.skipped
+    assert [Path(j.source).name for j in plan.jobs] == ["a.png", "b.jpg", "no_extension"]
+
+
+def test_a_glob_decides_about_hidden_files_itself(tree: Path, tmp_path: Path) -> None:
+    """`*` leaves them out, as the shell's does; `.*` asks for them."""
+    out = str(tmp_path / "out")
+    assert ".hidden.png" not in [Path(j.source).name for j in plan_jobs([str(tree / "*.png")], OutputNaming("deblur", output=out)).jobs]
+    plan = plan_jobs([str(tree / ".*.png")], OutputNaming("deblur", output=out))
+    assert [Path(j.source).name for j in plan.jobs] == [".hidden.png"] and plan.skipped == []
+
+
 def test_without_output_results_go_beside_inputs(tree: Path) -> None:
     plan = plan_jobs([str(tree / "a.png"), str(tree / "b.jpg")], OutputNaming("denoise"))
     assert [j.target for j in plan.jobs] == [str(tree / "a_denoised.png"), str(tree / "b_denoised.jpg")]

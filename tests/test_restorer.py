@@ -35,6 +35,43 @@ def test_eight_bit_result_matches_the_authors_recipe(restorer: Restorer, size: s
     assert np.abs(restored.astype(int) - expected).max() <= 1
 
 
+@pytest.mark.parametrize("mode", ["I;16B", "I;16L", "I;16"])
+def test_sixteen_bit_pil_images_stay_sixteen_bit(restorer: Restorer, mode: str) -> None:
+    pixels = np.random.default_rng(3).integers(0, 65536, (24, 32), dtype=np.uint16)
+    image = Image.frombytes(mode, (32, 24), pixels.astype(">u2" if mode == "I;16B" else "<u2").tobytes())
+    restored = np.asarray(restorer.restore(image))
+    assert restored.dtype == np.uint16 and restored.max() > 255
+    np.testing.assert_array_equal(restored, restorer.restore(pixels))
+
+
+def test_pil_images_are_taken_as_the_command_line_reads_files(restorer: Restorer) -> None:
+    assert restorer.restore(Image.new("1", (16, 12), 1)).mode == "L"
+    keyed = Image.new("RGB", (16, 12), (0, 255, 0))
+    keyed.info["transparency"] = (0, 255, 0)
+    assert restorer.restore(keyed).mode == "RGBA"
+    for mode in ("I", "F"):
+        with pytest.raises(ValueError, match="32-bit integer and float images are not supported"):
+            restorer.restore(Image.new(mode, (16, 12)))
+
+
+def test_byte_order_and_a_single_channel_axis_are_kept(restorer: Restorer) -> None:
+    pixels = np.random.default_rng(4).integers(0, 65536, (24, 32), dtype=np.uint16)
+    big_endian = restorer.restore(pixels.astype(">u2"))
+    assert big_endian.dtype == np.dtype(">u2")
+    np.testing.assert_array_equal(big_endian, restorer.restore(pixels))
+    column = restorer.restore(pixels[..., None])
+    assert column.shape == (24, 32, 1)
+    np.testing.assert_array_equal(column[..., 0], restorer.restore(pixels))
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_pixels_are_refused(restorer: Restorer, value: float) -> None:
+    pixels = np.full((24, 32, 3), 0.5, dtype=np.float32)
+    pixels[3, 4, 1] = value
+    with pytest.raises(ValueError, match="NaN or infinite pixels"):
+        restorer.restore(pixels)
+
+
 def test_padding_reflects_like_the_recipe() -> None:
     image = torch.arange(6.0 * 5).reshape(1, 1, 6, 5)
     padded = pad_to_multiple(image)
@@ -141,7 +178,7 @@ def test_progress_is_reported_per_batch_of_tiles() -> None:
     calls: list[tuple[int, int]] = []
     restorer = Restorer(_identity_model(), device="cpu", tile=32, tile_overlap=8, tile_batch=2)
     restorer.restore(np.zeros((40, 60, 3), dtype=np.uint8), progress=lambda done, total: calls.append((done, total)))
-    assert calls == [(2, 6), (4, 6), (6, 6)]  # 2 rows x 3 columns of tiles, two per call
+    assert calls == [(0, 6), (2, 6), (4, 6), (6, 6)]  # 2 rows x 3 columns of tiles, two per call
 
 
 class _RunsOutOfMemory(torch.nn.Module):

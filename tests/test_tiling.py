@@ -124,6 +124,9 @@ def test_feather_takes_a_tiles_centre_line_from_a_neighbour_that_covers_it() -> 
         (64, 32, "split", "tile overlap 32 is too large for 64-pixel tiles with the split blend (at most 16: "
          "a quarter of the tile with split, else half)"),
         (64, 8, "smooth", "unknown tile blend 'smooth': expected one of feather, core, split"),
+        ("auto", 8, "core", "tile size 'auto': expected a whole number of pixels, 0 for none, or None for auto"),
+        (64.0, 8, "core", "tile size 64.0: expected a whole number of pixels"),
+        (64, "8", "core", "tile overlap '8': expected a whole number of pixels"),
     ],
 )
 def test_impossible_options_are_refused_in_words(tile: int, overlap: int, blend: str, message: str) -> None:

@@ -66,7 +66,7 @@ def pad_to_multiple(x: Tensor, multiple: int = SIZE_MULTIPLE) -> Tensor:
 
 logger = logging.getLogger("mprnet")
 
-#: `progress(done, total)`, called after each batch of tiles.
+#: `progress(done, total)`: with 0 before the first tile, then after each batch of tiles.
 Progress = Callable[[int, int], None]
 #: `cut(top, left, height, width)`: a 1x3xhxw float tile of the image being restored.
 TileCutter = Callable[[int, int, int, int], Tensor]
@@ -217,7 +217,8 @@ class Restorer:
     def restore(self, image: Image.Image, progress: Progress | None = None) -> Image.Image: ...
 
     def restore(self, image: np.ndarray | Image.Image, progress: Progress | None = None) -> np.ndarray | Image.Image:
-        """`progress(done, total)` is called after each tile when the image is tiled."""
+        """`progress(done, total)` is called with 0 before the first tile, then after each
+        batch of tiles, when the image is tiled."""
         if isinstance(image, np.ndarray):
             return self.restore_array(image, progress)
         from PIL import Image
@@ -226,12 +227,22 @@ class Restorer:
             return self._restore_pil(image, progress)
         raise TypeError(f"expected a numpy array or a PIL image, got {type(image).__name__}")
 
-    @torch.inference_mode()
     def restore_array(self, array: np.ndarray, progress: Progress | None = None) -> np.ndarray:
+        """Any byte order in, the same out; HxWx1 stays HxWx1."""
+        native = array.astype(array.dtype.newbyteorder("=")) if not array.dtype.isnative else array
+        restored = self._restore_native(native, progress)
+        if array.ndim == 3 and array.shape[2] == 1:
+            restored = restored[..., None]
+        return restored.astype(array.dtype, copy=False)
+
+    @torch.inference_mode()
+    def _restore_native(self, array: np.ndarray, progress: Progress | None) -> np.ndarray:
         color, alpha = split_alpha(array)
         height, width = color.shape[:2]
         if not height or not width:
             raise ValueError(f"an empty image ({height}x{width} pixels) has nothing to restore")
+        if np.issubdtype(color.dtype, np.floating) and not np.isfinite(color).all():
+            raise ValueError("the image has NaN or infinite pixels, which would spread through the whole result")
 
         def cut(top: int, left: int, tile_height: int, tile_width: int) -> Tensor:
             # Tiles are converted to float one at a time: no float copy of the whole image.
@@ -319,6 +330,8 @@ class Restorer:
         batch = self.tiles_per_batch(shape)
         tiles = list(grid)
         done = 0
+        if progress is not None:
+            progress(done, len(tiles))
         while done < len(tiles):
             group = tiles[done:done + batch]
             restored = self._try_forward(torch.cat([cut(t.top, t.left, t.height, t.width) for t in group]))
@@ -368,14 +381,17 @@ class Restorer:
         return self._restore_tiles(cut_inside, tile.height, tile.width, smaller, self.tile_overlap, None)
 
     def _restore_pil(self, image: Image.Image, progress: Progress | None) -> Image.Image:
+        """As the command line reads a file: the same modes kept, converted or refused."""
         from PIL import Image
 
-        mode = image.mode
-        if mode not in ("L", "LA", "RGB", "RGBA", "I;16"):
-            mode = "RGBA" if "A" in image.getbands() or "transparency" in image.info else "RGB"
-            image = image.convert(mode)
-        restored = self.restore_array(np.asarray(image), progress)
-        return Image.fromarray(restored)
+        from mprnet_cli.errors import InputError
+        from mprnet_cli.imageio import pil_pixels
+
+        try:
+            pixels = pil_pixels(image, f"a PIL image of mode {image.mode}")
+        except InputError as error:
+            raise ValueError(error.message) from None
+        return Image.fromarray(self.restore_array(pixels, progress))
 
 
 def _release_freed_memory_before_stage3(model: MPRNet) -> None:
