@@ -155,11 +155,20 @@ def _user_errors() -> Iterator[None]:
     except MprnetError as error:
         if _debugging():
             raise
-        typer.echo(f"error: {error.message}", err=True)
+        typer.echo(f"error: {_one_line(error.message)}", err=True)
         raise typer.Exit(error.exit_code) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None
+
+
+#: Control characters, as Python writes them in a string literal.
+_ESCAPES = {code: repr(chr(code))[1:-1] for code in (*range(32), 127)}
+
+
+def _one_line(text: str) -> str:
+    """A file name may hold a newline: escaped, each message stays one line for scripts."""
+    return text.translate(_ESCAPES)
 
 
 def _debugging() -> bool:
@@ -171,7 +180,7 @@ class _StderrFormatter(logging.Formatter):
     """Plain lines for information, `warning: ...` for the rest, as compilers print them."""
 
     def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage()
+        message = _one_line(record.getMessage())
         return message if record.levelno <= logging.INFO else f"{record.levelname.lower()}: {message}"
 
 
@@ -275,6 +284,7 @@ class _Report:
     def _print(self, line: str, always: bool = False) -> None:
         if self.quiet and not always:
             return
+        line = _one_line(line)
         if self.bar is not None:
             self.bar.console.print(line, markup=False, highlight=False)
         else:

@@ -96,6 +96,19 @@ def test_a_camera_jpeg_becomes_a_tiff_with_its_metadata(photo: Path, tmp_path: P
     assert written.info["dpi"] == (240, 240)
 
 
+def test_a_newline_in_a_file_name_does_not_break_the_one_line_per_image(photo: Path, tmp_path: Path) -> None:
+    odd = tmp_path / "two\nlines.png"
+    shutil.copy(photo, odd)
+    result = runner.invoke(app, ["denoise", str(odd), str(tmp_path / "missing\rname.png"), "-o",
+                                 str(tmp_path / "out"), *WEIGHTS])
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr == f"error: {tmp_path}/missing\\rname.png: no such file or directory\n"
+    result = runner.invoke(app, ["denoise", str(odd), "-o", f"{tmp_path / 'out'}/", *WEIGHTS])
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.startswith(f"{tmp_path}/two\\nlines.png -> {tmp_path}/out/two\\nlines.png (")
+    assert result.stderr.count("\n") == 1
+
+
 def test_stdin_to_stdout(photo: Path) -> None:
     result = runner.invoke(app, ["deblur", "-", "-o", "-", *WEIGHTS], input=photo.read_bytes())
     assert result.exit_code == 0, result.stderr
