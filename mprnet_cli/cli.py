@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import warnings
 import sys
 import time
 from contextlib import contextmanager
@@ -171,6 +172,13 @@ def _one_line(text: str) -> str:
     return text.translate(_ESCAPES)
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: object = None, line: str | None = None) -> None:
+    """A library's warning (Pillow's on damaged EXIF, say) as one of our lines, not Python's
+    two-line report with its source file."""
+    logger.warning("%s", message)
+
+
 def _debugging() -> bool:
     """MPRNET_DEBUG=1: tracebacks and debug lines for bug reports."""
     return os.environ.get("MPRNET_DEBUG") == "1"
@@ -190,6 +198,7 @@ def _configure_logging(quiet: bool) -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(logging.ERROR if quiet else logging.DEBUG if _debugging() else logging.INFO)
     logger.propagate = False
+    warnings.showwarning = _show_warning
     # The hub client logs every retry of an unreachable server; our one error line says it
     # all. It reads this when first imported (later, lazily); a user's own setting wins.
     os.environ.setdefault("HF_HUB_VERBOSITY", "error")
@@ -238,7 +247,7 @@ class _Report:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
                 TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=self.console, transient=True,
             )
             if total > 1:
@@ -249,7 +258,7 @@ class _Report:
         if self.bar is None:
             return
         if self.images is not None:
-            self.bar.update(self.images, description=job.source)
+            self.bar.update(self.images, description=_one_line(job.source))
         if self.tiles is not None:
             self.bar.remove_task(self.tiles)
             self.tiles = None
@@ -329,9 +338,9 @@ def _make_task_command(task: str):  # noqa: ANN202 - Typer reads the signature o
         quality: QualityOption = 95,
         quiet: QuietOption = False,
     ) -> None:
-        _interrupt_on_sigterm()  # from here: loading and downloading weights can take long
         _configure_logging(quiet)
         with _user_errors():
+            _interrupt_on_sigterm()  # from here on: loading or downloading weights can take long
             tile_size = _parse_tile(tile)
             _check_tiling(tile_size, tile_overlap, tile_blend)
             _check_suffix(suffix)
@@ -539,9 +548,9 @@ def main() -> None:
 def _run_app() -> None:
     try:
         result = app(prog_name="mprnet", standalone_mode=False)
-    except typer.Abort:  # Click's word for Ctrl-C (or SIGTERM) before a command took over
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(1)
     except Exception as error:
         # Typer's vendored Click raises UsageError and friends; they are not exported, so
         # recognise them by what they carry.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import logging
 import math
 import os
@@ -24,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, PngImagePlugin, TiffImagePlugin, TiffTags, UnidentifiedImageError
+from PIL import Image, ImageOps, TiffImagePlugin, TiffTags, UnidentifiedImageError
 
 from mprnet_cli.errors import InputError, OutputError
+from mprnet_cli.pixels import UnsupportedMode, pil_pixels
 
 logger = logging.getLogger("mprnet")
 
@@ -36,12 +38,18 @@ Image.MAX_IMAGE_PIXELS = None
 #: Output extensions and the Pillow format each one writes.
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP"}
 _SIXTEEN_BIT_FORMATS = {"PNG", "TIFF"}
-_METADATA_FORMATS = {"PNG", "JPEG", "WEBP"}  # and TIFF, in a directory of our own
+#: Formats that Pillow writes metadata into (PNG and TIFF get theirs from us).
+_METADATA_FORMATS = {"JPEG", "WEBP"}
+#: Per format: its resolution unit in dots per inch, and the whole numbers it can store.
+_RESOLUTION_RANGES = {"JPEG": (1.0, (1, 65535)), "PNG": (1 / 0.0254, (1, 2**31 - 1)),
+                      "BMP": (1 / 0.0254, (1, 2**31 - 1)), "TIFF": (1.0, (0, 2**32 - 1))}
 _EXIF_ORIENTATION = 0x0112
 #: Orientations that swap width and height.
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
-#: EXIF pointers to sub-IFDs (Exif, GPS, interoperability), which every camera writes.
-_EXIF_SUB_IFDS = (0x8769, 0x8825, 0xA005)
+#: EXIF pointers to sub-IFDs (Exif, GPS), which every camera writes; the Exif one holds
+#: a pointer of its own, to the interoperability section.
+_EXIF_SUB_IFDS = (0x8769, 0x8825)
+_EXIF_INTEROPERABILITY = 0xA005
 _PIXEL_X_DIMENSION, _PIXEL_Y_DIMENSION = 0xA002, 0xA003  # in the Exif sub-IFD
 _TIFF_XMP_TAG = 700
 _TIFF_STRIP_OFFSETS, _TIFF_STRIP_BYTE_COUNTS, _TIFF_EXTRA_SAMPLES, _TIFF_ICC_TAG = 273, 279, 338, 34675
@@ -101,17 +109,15 @@ def decode_image(data: bytes, label: str, max_pixels: int | None = None) -> Pict
                 f"{label}: {image.width}x{image.height} is over the {max_pixels:,}-pixel limit (raise it with --max-pixels)"
             )
         image.load()
-        frames = getattr(image, "n_frames", 1)
-        if frames > 1:
-            logger.warning("%s: has %d frames or pages; only the first is restored", label, frames)
+        _warn_of_other_frames(data, label)
         orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
         icc_profile = image.info.get("icc_profile") or None
-        xmp = image.info.get("xmp") or None
         dpi = _dpi(image.info.get("dpi"), orientation)
         png_colour = _png_colour_chunks(image.info) if image.format == "PNG" else ()
         sixteen_bit_color = _is_sixteen_bit_color(image, data)
         tiff_exif = _tiff_descriptive_exif(image) if image.format == "TIFF" else None
         image = ImageOps.exif_transpose(image)
+        xmp = image.info.get("xmp") or None  # after the turn, which clears its orientation too
         exif = tiff_exif or image.info.get("exif") or None
         if orientation in _TRANSPOSING_ORIENTATIONS:
             exif = _turned_exif(exif)
@@ -121,7 +127,9 @@ def decode_image(data: bytes, label: str, max_pixels: int | None = None) -> Pict
             logger.warning("%s: CMYK is converted to RGB without colour management%s", label,
                            "; its CMYK colour profile is dropped" if icc_profile else "")
             image, icc_profile = image.convert("RGB"), None
-        pixels = _decode_sixteen_bit(data, orientation) if sixteen_bit_color else pil_pixels(image, label)
+        pixels = _decode_sixteen_bit(data, orientation) if sixteen_bit_color else pil_pixels(image)
+    except UnsupportedMode as error:
+        raise InputError(f"{label}: {error}") from None
     except UnidentifiedImageError:
         if data.startswith(_IMAGE_SIGNATURES):
             raise InputError(f"{label}: truncated or corrupt image (its header is unreadable)") from None
@@ -129,6 +137,22 @@ def decode_image(data: bytes, label: str, max_pixels: int | None = None) -> Pict
     except (OSError, SyntaxError, ValueError, struct.error) as error:
         raise InputError(f"{label}: truncated or corrupt image ({error})") from None
     return Picture(pixels=pixels, icc_profile=icc_profile, exif=exif, xmp=xmp, dpi=dpi, png_colour=png_colour)
+
+
+def _warn_of_other_frames(data: bytes, label: str) -> None:
+    """Counted on an image of its own: counting walks every page, and a later page that is
+    damaged must not cost the first. A JPEG's MPO pictures (previews, gain maps) are no
+    pages of the photo."""
+    image = Image.open(io.BytesIO(data))
+    if image.format == "MPO":
+        return
+    try:
+        frames = getattr(image, "n_frames", 1)
+    except Exception:  # noqa: BLE001 - whatever a damaged later page raises, the first one is fine
+        logger.warning("%s: only the first frame or page is restored; the others are unreadable", label)
+        return
+    if frames > 1:
+        logger.warning("%s: has %d frames or pages; only the first is restored", label, frames)
 
 
 def _png_colour_chunks(info: dict[str, Any]) -> tuple[tuple[bytes, bytes], ...]:
@@ -175,10 +199,19 @@ def _tiff_descriptive_exif(image: Image.Image) -> bytes | None:
         if tag in tags:
             kept[tag] = tags[tag]
     for pointer in _EXIF_SUB_IFDS:
-        section = tags.get_ifd(pointer)
+        section = _section(tags, pointer)
         if section:
             kept.get_ifd(pointer).update(section)
     return kept.tobytes() if len(kept) else None
+
+
+def _section(exif: Image.Exif, pointer: int) -> dict[int, Any]:
+    """An EXIF section with the sections it points to as dicts, not as offsets into the
+    source file, which mean nothing once written elsewhere."""
+    section = dict(exif.get_ifd(pointer))
+    if _EXIF_INTEROPERABILITY in section:
+        section[_EXIF_INTEROPERABILITY] = dict(exif.get_ifd(_EXIF_INTEROPERABILITY))
+    return section
 
 
 def _is_sixteen_bit_color(image: Image.Image, data: bytes) -> bool:
@@ -220,23 +253,6 @@ def _orient(pixels: np.ndarray, orientation: int) -> np.ndarray:
     return transforms[orientation](pixels) if orientation in transforms else pixels
 
 
-def pil_pixels(image: Image.Image, label: str) -> np.ndarray:
-    """The pixels of a decoded Pillow image in a layout `Restorer.restore_array` takes:
-    16 bits kept, palettes and colour keys resolved, 32-bit modes refused (InputError)."""
-    if image.mode.startswith("I;16"):
-        return np.asarray(image).astype(np.uint16)
-    if image.mode in ("I", "F"):
-        raise InputError(f"{label}: 32-bit integer and float images are not supported; convert to 8 or 16 bits")
-    if image.mode == "1":  # black and white: grayscale, which can hold what restoring makes of it
-        image = image.convert("L")
-    elif image.mode in ("L", "RGB") and "transparency" in image.info:  # a colour key: make it alpha
-        image = image.convert(image.mode + "A")
-    elif image.mode not in ("L", "LA", "RGB", "RGBA"):
-        has_alpha = "A" in image.getbands() or "transparency" in image.info
-        image = image.convert("RGBA" if has_alpha else "RGB")
-    return np.asarray(image)
-
-
 def format_for(path: Path) -> str:
     """The Pillow format name for an output path's extension."""
     fmt = FORMATS.get(path.suffix.lower())
@@ -263,6 +279,8 @@ def encode_image(picture: Picture, fmt: str, quality: int = 95) -> bytes:
         return _encode_sixteen_bit_color(pixels, fmt, picture)
     if fmt == "TIFF":
         return _retag_tiff(_pil_bytes(pixels, fmt, compression="tiff_lzw"), picture)
+    if fmt == "PNG":
+        return _add_png_metadata(_pil_bytes(pixels, fmt), picture)
     options = _metadata_options(picture, fmt)
     if fmt == "JPEG":
         options.update(quality=quality, subsampling=0 if quality >= 90 else 2)
@@ -278,27 +296,31 @@ def _pil_bytes(pixels: np.ndarray, fmt: str, **options: object) -> bytes:
 
 
 def _metadata_options(picture: Picture, fmt: str) -> dict[str, object]:
-    """Pillow's save options for the metadata that `fmt` (not TIFF) can hold."""
+    """Pillow's save options for the metadata that `fmt` (JPEG, WebP, BMP) can hold."""
     options: dict[str, object] = {}
-    if picture.dpi and fmt in ("PNG", "JPEG", "BMP"):
-        options["dpi"] = picture.dpi
+    dpi = _resolution_for(fmt, picture.dpi)
+    if dpi:
+        options["dpi"] = dpi
     if fmt not in _METADATA_FORMATS:
         return options
     exif, xmp = picture.exif, picture.xmp
     if fmt == "JPEG":
         exif = _fits_jpeg(exif, _JPEG_MAX_EXIF, "EXIF")
         xmp = _fits_jpeg(xmp, _JPEG_MAX_XMP, "XMP")
-    options.update({k: v for k, v in (("icc_profile", picture.icc_profile), ("exif", exif)) if v})
-    if xmp and fmt in ("JPEG", "WEBP"):
-        options["xmp"] = xmp
-    if fmt == "PNG" and (xmp or picture.png_colour):
-        info = PngImagePlugin.PngInfo()
-        for kind, body in picture.png_colour:
-            info.add(kind, body)
-        if xmp:
-            info.add_itxt("XML:com.adobe.xmp", xmp.decode("utf-8", "replace"))
-        options["pnginfo"] = info
+    options.update({k: v for k, v in (("icc_profile", picture.icc_profile), ("exif", exif), ("xmp", xmp)) if v})
     return options
+
+
+def _resolution_for(fmt: str, dpi: tuple[float, float] | None) -> tuple[float, float] | None:
+    """The resolution if `fmt` can record it: JPEG in whole dots per inch up to 65535, PNG
+    and BMP in whole dots per metre up to 2**31 - 1 (a microscope's can be more)."""
+    if dpi is None or fmt not in _RESOLUTION_RANGES:
+        return None
+    per_unit, (low, high) = _RESOLUTION_RANGES[fmt]
+    if all(low <= round(value * per_unit) <= high for value in dpi):
+        return dpi
+    logger.warning("%s cannot record a resolution of %g x %g dpi; it is left out", fmt, *dpi)
+    return None
 
 
 def _fits_jpeg(block: bytes | None, limit: int, name: str) -> bytes | None:
@@ -323,6 +345,32 @@ def _encode_sixteen_bit_color(pixels: np.ndarray, fmt: str, picture: Picture) ->
     return _add_png_metadata(data, picture) if fmt == "PNG" else _retag_tiff(data, picture)
 
 
+def _add_exif(directory: TiffImagePlugin.ImageFileDirectory_v2, exif_bytes: bytes) -> None:
+    """EXIF keeps no tag types, and Pillow guesses them again from its table: a value that
+    does not fit the guess (a LONG where it expects a SHORT) is left out, not the image."""
+    exif = Image.Exif()
+    exif.load(exif_bytes)
+    left_out = []
+    for tag, value in exif.items():
+        if tag in _TIFF_LAYOUT_TAGS:
+            continue
+        if tag in _EXIF_SUB_IFDS:
+            value = _section(exif, tag)
+        single = TiffImagePlugin.ImageFileDirectory_v2(prefix=b"II")
+        single[tag] = value
+        if tag in _EXIF_SUB_IFDS:
+            single.tagtype[tag] = TiffTags.LONG
+        try:
+            single.tobytes()
+        except (struct.error, TypeError, ValueError, OverflowError):
+            left_out.append(f"0x{tag:04X}")
+            continue
+        directory[tag] = value
+        directory.tagtype[tag] = single.tagtype[tag]
+    if left_out:
+        logger.warning("EXIF tags %s do not fit a TIFF as Pillow types them; they are left out", ", ".join(left_out))
+
+
 def _retag_tiff(tiff: bytes, picture: Picture) -> bytes:
     """A TIFF of bare pixels with the picture's metadata, and a fourth channel declared as
     alpha (OpenCV leaves it undeclared): Pillow writes a directory of the pixels' tags and
@@ -336,23 +384,17 @@ def _retag_tiff(tiff: bytes, picture: Picture) -> bytes:
         directory.tagtype[tag] = source.tagtype[tag]
     counts = source[_TIFF_STRIP_BYTE_COUNTS]
     strips = b"".join(tiff[start:start + count] for start, count in zip(source[_TIFF_STRIP_OFFSETS], counts))
-    directory[_TIFF_STRIP_OFFSETS] = tuple(sum(counts[:index]) for index in range(len(counts)))
+    directory[_TIFF_STRIP_OFFSETS] = (0, *itertools.accumulate(counts[:-1]))
     directory.tagtype[_TIFF_STRIP_OFFSETS] = TiffTags.LONG
     if len(source[258]) == 4:  # BitsPerSample: RGBA
         directory[_TIFF_EXTRA_SAMPLES] = (2,)  # unassociated alpha
     if picture.exif:
-        exif = Image.Exif()
-        exif.load(picture.exif)
-        for tag, value in exif.items():
-            if tag in _EXIF_SUB_IFDS:
-                directory[tag] = dict(exif.get_ifd(tag))
-                directory.tagtype[tag] = TiffTags.LONG
-            elif tag not in _TIFF_LAYOUT_TAGS:
-                directory[tag] = value
+        _add_exif(directory, picture.exif)
     for tag in _TIFF_RESOLUTION_TAGS:  # Pillow's default of 1, unless the picture has one
         directory.pop(tag, None)
-    if picture.dpi:
-        directory[_TIFF_RESOLUTION_TAGS[0]], directory[_TIFF_RESOLUTION_TAGS[1]] = picture.dpi
+    dpi = _resolution_for("TIFF", picture.dpi)
+    if dpi:
+        directory[_TIFF_RESOLUTION_TAGS[0]], directory[_TIFF_RESOLUTION_TAGS[1]] = dpi
         directory[_TIFF_RESOLUTION_TAGS[2]] = 2  # inches
     if picture.icc_profile:
         directory[_TIFF_ICC_TAG] = picture.icc_profile
@@ -373,9 +415,11 @@ def _add_png_metadata(png: bytes, picture: Picture) -> bytes:
     if picture.icc_profile:
         chunks += _png_chunk(b"iCCP", b"ICC profile\0\0" + zlib.compress(picture.icc_profile))
     for kind, body in picture.png_colour:
-        chunks += _png_chunk(kind, body)
-    if picture.dpi:
-        per_metre = (round(dots / 0.0254) for dots in picture.dpi)
+        if not (kind == b"sRGB" and picture.icc_profile):  # the PNG standard: one or the other
+            chunks += _png_chunk(kind, body)
+    dpi = _resolution_for("PNG", picture.dpi)
+    if dpi:
+        per_metre = (round(dots / 0.0254) for dots in dpi)
         chunks += _png_chunk(b"pHYs", struct.pack(">IIB", *per_metre, 1))
     if picture.exif:
         chunks += _png_chunk(b"eXIf", picture.exif.removeprefix(b"Exif\0\0"))
@@ -387,11 +431,8 @@ def _add_png_metadata(png: bytes, picture: Picture) -> bytes:
 
 def _keep_mode(path: Path, descriptor: int) -> None:
     """A file written over keeps its permissions, as it would if written in place."""
-    try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
-    except FileNotFoundError:
-        return
-    os.fchmod(descriptor, mode)
+    with contextlib.suppress(OSError):  # a new file, or a file system that refuses chmod
+        os.fchmod(descriptor, stat.S_IMODE(os.stat(path).st_mode))
 
 
 def write_atomic(path: Path, data: bytes) -> None:

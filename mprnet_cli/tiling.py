@@ -29,6 +29,7 @@ result does not depend on the order tiles are stitched in.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -58,13 +59,22 @@ class TileOptionError(ValueError):
         self.option = option
 
 
+def _is_whole(value: object) -> bool:
+    """Python's and numpy's integers; not floats or strings."""
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
 def check_tile_options(tile: int | None, overlap: int, blend: str) -> None:
     """Raise TileOptionError, in words a user can act on, for options no tiling can honour."""
     if blend not in BLENDS:
         raise TileOptionError("tile_blend", f"unknown tile blend {blend!r}: expected one of {', '.join(BLENDS)}")
-    if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int)):
+    if tile is not None and not _is_whole(tile):
         raise TileOptionError("tile", f"tile size {tile!r}: expected a whole number of pixels, 0 for none, or None for auto")
-    if isinstance(overlap, bool) or not isinstance(overlap, int):
+    if not _is_whole(overlap):
         raise TileOptionError("tile_overlap", f"tile overlap {overlap!r}: expected a whole number of pixels")
     if tile is not None and tile != 0 and (tile < MIN_TILE or tile % 8):
         raise TileOptionError("tile",

@@ -109,6 +109,19 @@ def test_a_newline_in_a_file_name_does_not_break_the_one_line_per_image(photo: P
     assert result.stderr.count("\n") == 1
 
 
+def test_a_librarys_warning_is_one_line_of_ours(tmp_path: Path) -> None:
+    page = Image.new("RGB", (16, 12), (90, 90, 90))
+    scan = tmp_path / "scan.tif"
+    page.save(scan, save_all=True, append_images=[page, page])
+    scan.write_bytes(scan.read_bytes()[:1000])  # later pages cut off: Pillow warns of corrupt EXIF
+    result = _run([str(MPRNET), "denoise", str(scan), "-o", str(tmp_path / "out.png"), *WEIGHTS])
+    lines = result.stderr.decode().splitlines()
+    assert result.returncode == 0, lines
+    assert all(line.startswith("warning: ") for line in lines[:-1]) and lines[-1].startswith(f"{scan} -> ")
+    assert any("Corrupt EXIF data" in line for line in lines) and "UserWarning" not in result.stderr.decode()
+    assert f"warning: {scan}: only the first frame or page is restored; the others are unreadable" in lines
+
+
 def test_stdin_to_stdout(photo: Path) -> None:
     result = runner.invoke(app, ["deblur", "-", "-o", "-", *WEIGHTS], input=photo.read_bytes())
     assert result.exit_code == 0, result.stderr
@@ -303,12 +316,18 @@ def test_real_executable_with_stdin_closed_is_one_line(photo: Path, tmp_path: Pa
 
 
 def test_real_executable_stops_on_sigterm_while_loading_weights(tmp_path: Path) -> None:
-    """Opening a FIFO blocks until a writer comes: a load that takes as long as wanted."""
+    """Opening a FIFO blocks until a writer comes: a load that takes as long as wanted. The
+    kernel says where a process sleeps; `wait_for_partner` is a FIFO's open (Linux)."""
+    if not Path("/proc/self/wchan").exists():
+        pytest.skip("needs Linux's /proc/PID/wchan to see where the process waits")
     fifo = tmp_path / "weights.pth"
     os.mkfifo(fifo)
     process = subprocess.Popen([str(MPRNET), "denoise", str(PARITY / "input_61x45.png"), "-o", str(tmp_path / "x.png"),
                                 "--weights", str(fifo)], stderr=subprocess.PIPE, env={**os.environ, "NO_COLOR": "1"})
-    time.sleep(3)  # well past the imports
+    deadline = time.monotonic() + 60
+    while Path(f"/proc/{process.pid}/wchan").read_text() != "wait_for_partner":
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=30)
     assert (process.returncode, stderr.decode()) == (130, "interrupted\n")
@@ -342,4 +361,20 @@ def test_tile_progress_bar_only_on_a_terminal_and_never_when_quiet(monkeypatch: 
     assert (task.completed, task.total, task.fields["rate"]) == (0, 6, "")
     report.tile_progress(2, 6)
     assert (task.completed, task.total) == (2, 6) and task.fields["rate"].endswith("tiles/s")
+    report.close(skipped=0, interrupted=False)
+
+
+def test_the_progress_bar_shows_file_names_as_they_are(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Brackets are no markup, and a newline is escaped as in every other line."""
+    from rich.console import Console
+
+    from mprnet_cli.cli import _Report
+    from mprnet_cli.pipeline import Job
+
+    monkeypatch.setattr(Console, "is_terminal", property(lambda self: True))
+    report = _Report(total=2, quiet=False)
+    report.start(Job("x[/]y[b].png\n", "o.png"))
+    with report.console.capture() as captured:
+        report.console.print(report.bar.make_tasks_table(report.bar.tasks))
+    assert "x[/]y[b].png\\n" in captured.get()
     report.close(skipped=0, interrupted=False)

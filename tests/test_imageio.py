@@ -8,7 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from PIL import Image, ImageCms, ImageOps, PngImagePlugin
+from PIL import Image, ImageCms, ImageOps, PngImagePlugin, TiffImagePlugin, TiffTags
 
 from mprnet_cli import imageio
 from mprnet_cli.errors import InputError, OutputError
@@ -310,7 +310,8 @@ def test_sixteen_bit_colour_tiff_keeps_every_kind_of_metadata(channels: int, cap
     assert written.getexif()[0x010F] == "Camera Maker"
     assert written.getexif().get_ifd(0x8769)[0x9003] == "2026:11:26 10:00:00"
     assert written.tag_v2.get(338) == ((2,) if channels == 4 else None)  # ExtraSamples: alpha
-    assert capfd.readouterr().err == ""  # libtiff, reading it back through OpenCV, found nothing to say
+    cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)  # libtiff, unsilenced: no complaint
+    assert capfd.readouterr().err == ""
 
 
 def test_a_tiff_sources_camera_exif_is_carried() -> None:
@@ -319,6 +320,79 @@ def test_a_tiff_sources_camera_exif_is_carried() -> None:
     assert written[0x010F] == "Camera Maker"
     assert written.get_ifd(0x8769)[0x9003] == "2026:11:26 10:00:00"
     assert written.get_ifd(0x8825)[0x0001] == "N"
+
+
+def test_an_xmp_orientation_is_cleared_with_the_exif_one() -> None:
+    """Adobe's exports carry both; a stale XMP copy would make viewers turn the photo again."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    xmp = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    source = _pil_bytes(Image.new("RGB", (8, 6)), "JPEG", exif=exif.tobytes(), xmp=xmp)
+    picture = decode_image(source, "adobe.jpg")
+    assert picture.pixels.shape[:2] == (8, 6) and b'tiff:Orientation="6"' not in picture.xmp
+    for fmt in ("JPEG", "PNG", "TIFF"):
+        again = decode_image(encode_image(picture, fmt), "again")
+        assert again.pixels.shape[:2] == (8, 6), fmt
+
+
+def _tiff_pages(count: int) -> bytes:
+    page = Image.new("RGB", (8, 6), (1, 2, 3))
+    return _pil_bytes(page, "TIFF", save_all=True, append_images=[page] * (count - 1))
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
+def test_a_damaged_later_page_costs_only_the_later_pages(caplog: pytest.LogCaptureFixture) -> None:
+    truncated = _tiff_pages(3)[:576]  # the first page whole, the rest cut off
+    assert decode_image(truncated, "scan.tif").pixels.shape == (6, 8, 3)
+    assert "scan.tif: only the first frame or page is restored; the others are unreadable" in caplog.text
+
+
+def test_a_jpegs_extra_pictures_are_not_pages(caplog: pytest.LogCaptureFixture) -> None:
+    photo = Image.new("RGB", (40, 30), (9, 8, 7))
+    source = _pil_bytes(photo, "MPO", save_all=True, append_images=[photo.resize((10, 8))])  # a preview
+    assert decode_image(source, "photo.jpg").pixels.shape == (30, 40, 3)
+    assert "frames" not in caplog.text
+
+
+def _exif_with_interoperability() -> bytes:
+    """As cameras write it, and Pillow does not: a section inside the Exif section."""
+    directory = TiffImagePlugin.ImageFileDirectory_v2(prefix=b"II")
+    directory[0x010F] = "Camera Maker"
+    directory[0x8769] = {0x8827: 100, 0xA005: {1: "R98", 2: b"0100"}}  # ISO, interoperability
+    directory.tagtype[0x8769] = TiffTags.LONG
+    return b"Exif\0\0II*\0\x08\0\0\0" + directory.tobytes(8)
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "PNG", "JPEG"])
+def test_the_interoperability_section_is_carried_as_a_section(fmt: str) -> None:
+    jpeg = _pil_bytes(Image.new("RGB", (8, 6)), "JPEG", exif=_exif_with_interoperability())
+    tiff = encode_image(decode_image(jpeg, "camera.jpg"), "TIFF")  # Pillow's own TIFF writer flattens the section
+    for source in (jpeg, tiff):
+        picture = decode_image(source, "x")
+        written = Image.open(io.BytesIO(encode_image(picture, fmt))).getexif()
+        assert written.get_ifd(0x8769)[0x8827] == 100
+        assert dict(written.get_ifd(0xA005)) == {1: "R98", 2: b"0100"}
+
+
+def test_an_exif_tag_that_tiff_cannot_type_is_left_out_not_the_image(caplog: pytest.LogCaptureFixture) -> None:
+    directory = TiffImagePlugin.ImageFileDirectory_v2(prefix=b"II")
+    directory[0x010F] = "Camera Maker"
+    directory[0x0213] = 70000  # YCbCrPositioning, which Pillow types as a SHORT
+    directory.tagtype[0x0213] = TiffTags.LONG
+    picture = Picture(np.zeros((6, 8, 3), dtype=np.uint8), exif=b"Exif\0\0II*\0\x08\0\0\0" + directory.tobytes(8))
+    written = Image.open(io.BytesIO(encode_image(picture, "TIFF")))
+    assert written.getexif()[0x010F] == "Camera Maker" and 0x0213 not in written.getexif()
+    assert "EXIF tags 0x0213 do not fit a TIFF as Pillow types them; they are left out" in caplog.text
+
+
+@pytest.mark.parametrize(("fmt", "dpi"), [("JPEG", (70000.0, 300.0)), ("PNG", (3e8, 300.0)), ("BMP", (3e8, 300.0))])
+def test_a_resolution_the_format_cannot_hold_is_left_out(fmt: str, dpi: tuple[float, float],
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """A microscope's, say: JPEG would wrap 70000 dpi round to 4464, PNG and BMP overflow."""
+    again = decode_image(encode_image(Picture(np.zeros((6, 8, 3), dtype=np.uint8), dpi=dpi), fmt), "again")
+    assert again.dpi is None or max(again.dpi) < 100  # Pillow's BMP says 96 when told nothing
+    assert f"{fmt} cannot record a resolution of {dpi[0]:g} x 300 dpi; it is left out" in caplog.text
 
 
 def test_cmyk_becomes_rgb_without_its_cmyk_profile(caplog: pytest.LogCaptureFixture) -> None:

@@ -384,14 +384,9 @@ class Restorer:
         """As the command line reads a file: the same modes kept, converted or refused."""
         from PIL import Image
 
-        from mprnet_cli.errors import InputError
-        from mprnet_cli.imageio import pil_pixels
+        from mprnet_cli.pixels import pil_pixels
 
-        try:
-            pixels = pil_pixels(image, f"a PIL image of mode {image.mode}")
-        except InputError as error:
-            raise ValueError(error.message) from None
-        return Image.fromarray(self.restore_array(pixels, progress))
+        return Image.fromarray(self.restore_array(pil_pixels(image), progress))
 
 
 def _release_freed_memory_before_stage3(model: MPRNet) -> None:
