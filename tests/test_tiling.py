@@ -113,6 +113,10 @@ def test_feather_takes_a_tiles_centre_line_from_a_neighbour_that_covers_it() -> 
     assert TileGrid(64, 480, 256, 32, "feather").col_weights[0, 128] == 1.0
 
 
+def test_numpy_integers_are_whole_numbers() -> None:
+    check_tile_options(np.int64(256), np.int32(32), "feather")
+
+
 @pytest.mark.parametrize(
     ("tile", "overlap", "blend", "message"),
     [
