@@ -1,9 +1,8 @@
 """Decode and encode images, keeping what a photographer expects to survive.
 
-Pillow does the formats and the metadata (EXIF orientation applied; ICC, EXIF, XMP and
-DPI carried). Pillow reads 16-bit RGB as 8 bits, so 16-bit colour PNG and TIFF pixels go
-through OpenCV instead, which writes no metadata: 16-bit PNGs get their chunks inserted
-by hand. Every TIFF gets its metadata in a directory of its own in front of its strips.
+Pillow does the formats (EXIF orientation applied; `mprnet_cli.metadata` carries ICC,
+EXIF, XMP and DPI). Pillow reads 16-bit RGB as 8 bits, so 16-bit colour PNG and TIFF
+pixels go through OpenCV instead.
 Files are written atomically: a temporary file beside the target, then a rename, so an
 interrupted run never leaves a truncated image under the final name.
 """
@@ -12,21 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import io
-import itertools
 import logging
-import math
 import os
 import secrets
 import stat
 import struct
-import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, TiffImagePlugin, TiffTags, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
+from mprnet_cli import metadata
 from mprnet_cli.errors import InputError, OutputError
 from mprnet_cli.pixels import UnsupportedMode, pil_pixels
 
@@ -38,31 +34,7 @@ Image.MAX_IMAGE_PIXELS = None
 #: Output extensions and the Pillow format each one writes.
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP"}
 _SIXTEEN_BIT_FORMATS = {"PNG", "TIFF"}
-#: Formats that Pillow writes metadata into (PNG and TIFF get theirs from us).
-_METADATA_FORMATS = {"JPEG", "WEBP"}
-#: Per format: its resolution unit in dots per inch, and the whole numbers it can store.
-_RESOLUTION_RANGES = {"JPEG": (1.0, (1, 65535)), "PNG": (1 / 0.0254, (1, 2**31 - 1)),
-                      "BMP": (1 / 0.0254, (1, 2**31 - 1)), "TIFF": (1.0, (0, 2**32 - 1))}
 _EXIF_ORIENTATION = 0x0112
-#: Orientations that swap width and height.
-_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
-#: EXIF pointers to sub-IFDs (Exif, GPS), which every camera writes; the Exif one holds
-#: a pointer of its own, to the interoperability section.
-_EXIF_SUB_IFDS = (0x8769, 0x8825)
-_EXIF_INTEROPERABILITY = 0xA005
-_PIXEL_X_DIMENSION, _PIXEL_Y_DIMENSION = 0xA002, 0xA003  # in the Exif sub-IFD
-_TIFF_XMP_TAG = 700
-_TIFF_STRIP_OFFSETS, _TIFF_STRIP_BYTE_COUNTS, _TIFF_EXTRA_SAMPLES, _TIFF_ICC_TAG = 273, 279, 338, 34675
-_TIFF_RESOLUTION_TAGS = (282, 283, 296)  # XResolution, YResolution, ResolutionUnit
-#: Tags that describe a TIFF's layout, never taken from EXIF (where a JPEG's may hold some).
-_TIFF_LAYOUT_TAGS = frozenset({254, 255, 256, 257, 258, 259, 262, 273, 277, 278, 279, 284, 317, 322, 323, 324,
-                               325, 338, 339, 513, 514})
-#: The largest EXIF and XMP blocks a JPEG marker segment holds (Pillow's limits).
-_JPEG_MAX_EXIF = 65533
-_JPEG_MAX_XMP = 65504
-# TIFF keeps EXIF-like tags among its structural ones (sizes, strip offsets...); only these
-# descriptive ones are carried from a TIFF into the output's EXIF.
-_TIFF_DESCRIPTIVE_TAGS = (0x010E, 0x010F, 0x0110, 0x0131, 0x0132, 0x013B, 0x8298)
 # Magic numbers of the formats we read: a file that starts with one but will not open is
 # a damaged image, which deserves a different message from "not an image at all".
 _IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF8", b"II*\x00", b"MM\x00*", b"RIFF", b"BM")
@@ -112,15 +84,14 @@ def decode_image(data: bytes, label: str, max_pixels: int | None = None) -> Pict
         _warn_of_other_frames(data, label)
         orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
         icc_profile = image.info.get("icc_profile") or None
-        dpi = _dpi(image.info.get("dpi"), orientation)
-        png_colour = _png_colour_chunks(image.info) if image.format == "PNG" else ()
+        dpi = metadata.declared_dpi(image.info.get("dpi"), orientation)
+        png_colour = metadata.png_colour_chunks(image.info) if image.format == "PNG" else ()
         sixteen_bit_color = _is_sixteen_bit_color(image, data)
-        tiff_exif = _tiff_descriptive_exif(image) if image.format == "TIFF" else None
+        tiff_exif = metadata.tiff_exif(image) if image.format == "TIFF" else None
         image = ImageOps.exif_transpose(image)
         xmp = image.info.get("xmp") or None  # after the turn, which clears its orientation too
         exif = tiff_exif or image.info.get("exif") or None
-        if orientation in _TRANSPOSING_ORIENTATIONS:
-            exif = _turned_exif(exif)
+        exif = metadata.turned_exif(exif, orientation)
         if image.mode == "CMYK":
             # The pixels become RGB, which a CMYK profile cannot describe: keeping it would
             # make colour-managed viewers reject the output or misread its colours.
@@ -153,65 +124,6 @@ def _warn_of_other_frames(data: bytes, label: str) -> None:
         return
     if frames > 1:
         logger.warning("%s: has %d frames or pages; only the first is restored", label, frames)
-
-
-def _png_colour_chunks(info: dict[str, Any]) -> tuple[tuple[bytes, bytes], ...]:
-    """The chunks again from the values Pillow parsed them into (in units of 1/100000)."""
-    chunks = []
-    if "srgb" in info:
-        chunks.append((b"sRGB", struct.pack(">B", info["srgb"])))
-    if "gamma" in info:
-        chunks.append((b"gAMA", struct.pack(">I", round(info["gamma"] * 100000))))
-    if "chromaticity" in info:
-        chunks.append((b"cHRM", struct.pack(">8I", *(round(v * 100000) for v in info["chromaticity"]))))
-    return tuple(chunks)
-
-
-def _dpi(declared: Any, orientation: int) -> tuple[float, float] | None:
-    """A resolution that makes no sense (zero, a zero denominator, text) is left behind, and
-    so is 1x1, which Pillow reports for a TIFF that declares none (and writes by default)."""
-    try:
-        x, y = (float(v) for v in declared)
-    except (TypeError, ValueError, ZeroDivisionError):
-        return None
-    if not all(math.isfinite(v) and v > 0 for v in (x, y)) or (x, y) == (1.0, 1.0):
-        return None
-    return (y, x) if orientation in _TRANSPOSING_ORIENTATIONS else (x, y)
-
-
-def _turned_exif(exif: bytes | None) -> bytes | None:
-    """After a quarter turn, the pixel dimensions that cameras record must swap too."""
-    if not exif:
-        return exif
-    tags = Image.Exif()
-    tags.load(exif)
-    section = tags.get_ifd(_EXIF_SUB_IFDS[0])
-    if _PIXEL_X_DIMENSION not in section or _PIXEL_Y_DIMENSION not in section:
-        return exif
-    section[_PIXEL_X_DIMENSION], section[_PIXEL_Y_DIMENSION] = section[_PIXEL_Y_DIMENSION], section[_PIXEL_X_DIMENSION]
-    return tags.tobytes()
-
-
-def _tiff_descriptive_exif(image: Image.Image) -> bytes | None:
-    tags = image.getexif()
-    kept = Image.Exif()
-    for tag in _TIFF_DESCRIPTIVE_TAGS:
-        if tag in tags:
-            kept[tag] = tags[tag]
-    for pointer in _EXIF_SUB_IFDS:
-        section = _section(tags, pointer)
-        if section:
-            kept.get_ifd(pointer).update(section)
-    return kept.tobytes() if len(kept) else None
-
-
-def _section(exif: Image.Exif, pointer: int) -> dict[int, Any]:
-    """An EXIF section with the sections it points to as dicts, not as offsets into the
-    source file, which mean nothing once written elsewhere."""
-    section = dict(exif.get_ifd(pointer))
-    if _EXIF_INTEROPERABILITY in section:
-        section[_EXIF_INTEROPERABILITY] = dict(exif.get_ifd(_EXIF_INTEROPERABILITY))
-    return section
 
 
 def _is_sixteen_bit_color(image: Image.Image, data: bytes) -> bool:
@@ -278,10 +190,10 @@ def encode_image(picture: Picture, fmt: str, quality: int = 95) -> bytes:
     if pixels.dtype == np.uint16 and pixels.ndim == 3:
         return _encode_sixteen_bit_color(pixels, fmt, picture)
     if fmt == "TIFF":
-        return _retag_tiff(_pil_bytes(pixels, fmt, compression="tiff_lzw"), picture)
+        return metadata.retag_tiff(_pil_bytes(pixels, fmt, compression="tiff_lzw"), picture)
     if fmt == "PNG":
-        return _add_png_metadata(_pil_bytes(pixels, fmt), picture)
-    options = _metadata_options(picture, fmt)
+        return metadata.add_png_metadata(_pil_bytes(pixels, fmt), picture)
+    options = metadata.pillow_options(picture, fmt)
     if fmt == "JPEG":
         options.update(quality=quality, subsampling=0 if quality >= 90 else 2)
     elif fmt == "WEBP":
@@ -293,41 +205,6 @@ def _pil_bytes(pixels: np.ndarray, fmt: str, **options: object) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format=fmt, **options)
     return buffer.getvalue()
-
-
-def _metadata_options(picture: Picture, fmt: str) -> dict[str, object]:
-    """Pillow's save options for the metadata that `fmt` (JPEG, WebP, BMP) can hold."""
-    options: dict[str, object] = {}
-    dpi = _resolution_for(fmt, picture.dpi)
-    if dpi:
-        options["dpi"] = dpi
-    if fmt not in _METADATA_FORMATS:
-        return options
-    exif, xmp = picture.exif, picture.xmp
-    if fmt == "JPEG":
-        exif = _fits_jpeg(exif, _JPEG_MAX_EXIF, "EXIF")
-        xmp = _fits_jpeg(xmp, _JPEG_MAX_XMP, "XMP")
-    options.update({k: v for k, v in (("icc_profile", picture.icc_profile), ("exif", exif), ("xmp", xmp)) if v})
-    return options
-
-
-def _resolution_for(fmt: str, dpi: tuple[float, float] | None) -> tuple[float, float] | None:
-    """The resolution if `fmt` can record it: JPEG in whole dots per inch up to 65535, PNG
-    and BMP in whole dots per metre up to 2**31 - 1 (a microscope's can be more)."""
-    if dpi is None or fmt not in _RESOLUTION_RANGES:
-        return None
-    per_unit, (low, high) = _RESOLUTION_RANGES[fmt]
-    if all(low <= round(value * per_unit) <= high for value in dpi):
-        return dpi
-    logger.warning("%s cannot record a resolution of %g x %g dpi; it is left out", fmt, *dpi)
-    return None
-
-
-def _fits_jpeg(block: bytes | None, limit: int, name: str) -> bytes | None:
-    if block and len(block) > limit:
-        logger.warning("%s of %d bytes is more than a JPEG can hold (%d); it is dropped", name, len(block), limit)
-        return None
-    return block
 
 
 def _has_alpha(pixels: np.ndarray) -> bool:
@@ -342,91 +219,7 @@ def _encode_sixteen_bit_color(pixels: np.ndarray, fmt: str, picture: Picture) ->
     if not ok:
         raise OutputError(f"OpenCV could not encode a 16-bit {fmt}")
     data = encoded.tobytes()
-    return _add_png_metadata(data, picture) if fmt == "PNG" else _retag_tiff(data, picture)
-
-
-def _add_exif(directory: TiffImagePlugin.ImageFileDirectory_v2, exif_bytes: bytes) -> None:
-    """EXIF keeps no tag types, and Pillow guesses them again from its table: a value that
-    does not fit the guess (a LONG where it expects a SHORT) is left out, not the image."""
-    exif = Image.Exif()
-    exif.load(exif_bytes)
-    left_out = []
-    for tag, value in exif.items():
-        if tag in _TIFF_LAYOUT_TAGS:
-            continue
-        if tag in _EXIF_SUB_IFDS:
-            value = _section(exif, tag)
-        single = TiffImagePlugin.ImageFileDirectory_v2(prefix=b"II")
-        single[tag] = value
-        if tag in _EXIF_SUB_IFDS:
-            single.tagtype[tag] = TiffTags.LONG
-        try:
-            single.tobytes()
-        except (struct.error, TypeError, ValueError, OverflowError):
-            left_out.append(f"0x{tag:04X}")
-            continue
-        directory[tag] = value
-        directory.tagtype[tag] = single.tagtype[tag]
-    if left_out:
-        logger.warning("EXIF tags %s do not fit a TIFF as Pillow types them; they are left out", ", ".join(left_out))
-
-
-def _retag_tiff(tiff: bytes, picture: Picture) -> bytes:
-    """A TIFF of bare pixels with the picture's metadata, and a fourth channel declared as
-    alpha (OpenCV leaves it undeclared): Pillow writes a directory of the pixels' tags and
-    ours, and their strips follow it. Pillow's directory counts strip offsets from its own
-    end. Pillow's TIFF writer cannot do this itself: libtiff, which compresses, refuses
-    the EXIF sections (Exif, GPS) that cameras write."""
-    source = Image.open(io.BytesIO(tiff)).tag_v2
-    directory = TiffImagePlugin.ImageFileDirectory_v2(prefix=b"II")
-    for tag, value in source.items():
-        directory[tag] = value
-        directory.tagtype[tag] = source.tagtype[tag]
-    counts = source[_TIFF_STRIP_BYTE_COUNTS]
-    strips = b"".join(tiff[start:start + count] for start, count in zip(source[_TIFF_STRIP_OFFSETS], counts))
-    directory[_TIFF_STRIP_OFFSETS] = (0, *itertools.accumulate(counts[:-1]))
-    directory.tagtype[_TIFF_STRIP_OFFSETS] = TiffTags.LONG
-    if len(source[258]) == 4:  # BitsPerSample: RGBA
-        directory[_TIFF_EXTRA_SAMPLES] = (2,)  # unassociated alpha
-    if picture.exif:
-        _add_exif(directory, picture.exif)
-    for tag in _TIFF_RESOLUTION_TAGS:  # Pillow's default of 1, unless the picture has one
-        directory.pop(tag, None)
-    dpi = _resolution_for("TIFF", picture.dpi)
-    if dpi:
-        directory[_TIFF_RESOLUTION_TAGS[0]], directory[_TIFF_RESOLUTION_TAGS[1]] = dpi
-        directory[_TIFF_RESOLUTION_TAGS[2]] = 2  # inches
-    if picture.icc_profile:
-        directory[_TIFF_ICC_TAG] = picture.icc_profile
-    if picture.xmp:
-        directory[_TIFF_XMP_TAG] = picture.xmp
-    header = b"II*\0" + struct.pack("<I", 8)
-    return header + directory.tobytes(len(header)) + strips
-
-
-def _png_chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
-def _add_png_metadata(png: bytes, picture: Picture) -> bytes:
-    """Insert the metadata chunks right after IHDR (all but iTXt must come before the image
-    data, and the colour ones before any palette)."""
-    chunks = b""
-    if picture.icc_profile:
-        chunks += _png_chunk(b"iCCP", b"ICC profile\0\0" + zlib.compress(picture.icc_profile))
-    for kind, body in picture.png_colour:
-        if not (kind == b"sRGB" and picture.icc_profile):  # the PNG standard: one or the other
-            chunks += _png_chunk(kind, body)
-    dpi = _resolution_for("PNG", picture.dpi)
-    if dpi:
-        per_metre = (round(dots / 0.0254) for dots in dpi)
-        chunks += _png_chunk(b"pHYs", struct.pack(">IIB", *per_metre, 1))
-    if picture.exif:
-        chunks += _png_chunk(b"eXIf", picture.exif.removeprefix(b"Exif\0\0"))
-    if picture.xmp:  # keyword, no compression, no language, no translated keyword
-        chunks += _png_chunk(b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0" + picture.xmp)
-    end_of_header = 8 + 8 + 13 + 4  # signature, IHDR length+type, IHDR body, CRC
-    return png[:end_of_header] + chunks + png[end_of_header:]
+    return metadata.add_png_metadata(data, picture) if fmt == "PNG" else metadata.retag_tiff(data, picture)
 
 
 def _keep_mode(path: Path, descriptor: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,13 @@ from PIL import Image
 DATA = Path(__file__).parent / "data"
 PARITY = DATA / "parity"
 TINY_CHECKPOINT = PARITY / "tiny_checkpoint.pth"
+
+
+def pil_bytes(image: Image.Image, fmt: str = "PNG", **options: object) -> bytes:
+    """`image` encoded by Pillow, as a file of that format would hold it."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
 
 
 @pytest.fixture(autouse=True)
