@@ -82,23 +82,24 @@ def decode_image(data: bytes, label: str, max_pixels: int | None = None) -> Pict
             )
         image.load()
         _warn_of_other_frames(data, label)
-        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+        orientation = _orientation(image, label)
         icc_profile = image.info.get("icc_profile") or None
-        dpi = metadata.declared_dpi(image.info.get("dpi"), orientation)
+        dpi = metadata.declared_dpi(image.info.get("dpi"), orientation or 1)
         png_colour = metadata.png_colour_chunks(image.info) if image.format == "PNG" else ()
         sixteen_bit_color = _is_sixteen_bit_color(image, data)
-        tiff_exif = metadata.tiff_exif(image) if image.format == "TIFF" else None
-        image = ImageOps.exif_transpose(image)
+        exif = None
+        if orientation is not None:  # the EXIF could be read
+            tiff_exif = metadata.tiff_exif(image) if image.format == "TIFF" else None
+            image = ImageOps.exif_transpose(image)
+            exif = metadata.turned_exif(tiff_exif or image.info.get("exif") or None, orientation)
         xmp = image.info.get("xmp") or None  # after the turn, which clears its orientation too
-        exif = tiff_exif or image.info.get("exif") or None
-        exif = metadata.turned_exif(exif, orientation)
         if image.mode == "CMYK":
             # The pixels become RGB, which a CMYK profile cannot describe: keeping it would
             # make colour-managed viewers reject the output or misread its colours.
             logger.warning("%s: CMYK is converted to RGB without colour management%s", label,
                            "; its CMYK colour profile is dropped" if icc_profile else "")
             image, icc_profile = image.convert("RGB"), None
-        pixels = _decode_sixteen_bit(data, orientation) if sixteen_bit_color else pil_pixels(image)
+        pixels = _decode_sixteen_bit(data, orientation or 1) if sixteen_bit_color else pil_pixels(image)
     except UnsupportedMode as error:
         raise InputError(f"{label}: {error}") from None
     except UnidentifiedImageError:
@@ -108,6 +109,16 @@ def decode_image(data: bytes, label: str, max_pixels: int | None = None) -> Pict
     except (OSError, SyntaxError, ValueError, struct.error) as error:
         raise InputError(f"{label}: truncated or corrupt image ({error})") from None
     return Picture(pixels=pixels, icc_profile=icc_profile, exif=exif, xmp=xmp, dpi=dpi, png_colour=png_colour)
+
+
+def _orientation(image: Image.Image, label: str) -> int | None:
+    """The EXIF orientation; None when the EXIF cannot be read (Pillow refuses some that
+    others wrote), which costs the EXIF and the turn, not the image."""
+    try:
+        return image.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - Pillow's parser raises many kinds on damaged EXIF
+        logger.warning("%s: EXIF that cannot be read is left out", label)
+        return None
 
 
 def _warn_of_other_frames(data: bytes, label: str) -> None:

@@ -53,6 +53,8 @@ _TIFF_DESCRIPTIVE_TAGS = (0x010E, 0x010F, 0x0110, 0x0131, 0x0132, 0x013B, 0x8298
 def tiff_exif(image: Image.Image) -> bytes | None:
     """A TIFF source's EXIF: its descriptive tags and camera sections, not its layout."""
     tags = image.getexif()
+    if not _readable(tags):
+        return None
     kept = Image.Exif()
     for tag in _TIFF_DESCRIPTIVE_TAGS:
         if tag in tags:
@@ -62,6 +64,28 @@ def tiff_exif(image: Image.Image) -> bytes | None:
         if section:
             kept.get_ifd(pointer).update(section)
     return kept.tobytes() if len(kept) else None
+
+
+def _loaded(exif: bytes) -> Image.Exif | None:
+    tags = Image.Exif()
+    try:
+        tags.load(exif)
+    except Exception:  # noqa: BLE001 - Pillow's parser raises many kinds on damaged EXIF
+        logger.warning("EXIF that cannot be read is left out")
+        return None
+    return tags if _readable(tags) else None
+
+
+def _readable(tags: Image.Exif) -> bool:
+    """Cameras and editors write odd EXIF: a part that cannot be read costs the EXIF, not the
+    image. Pillow reads the sections when first asked for them, so they are asked here."""
+    try:
+        for pointer in _EXIF_SUB_IFDS:
+            _section(tags, pointer)
+    except Exception:  # noqa: BLE001 - as above
+        logger.warning("EXIF that cannot be read is left out")
+        return False
+    return True
 
 
 def _section(exif: Image.Exif, pointer: int) -> dict[int, Any]:
@@ -89,8 +113,9 @@ def turned_exif(exif: bytes | None, orientation: int) -> bytes | None:
     """After a quarter turn, the pixel dimensions that cameras record must swap too."""
     if not exif or orientation not in _TRANSPOSING_ORIENTATIONS:
         return exif
-    tags = Image.Exif()
-    tags.load(exif)
+    tags = _loaded(exif)
+    if tags is None:
+        return None
     section = tags.get_ifd(_EXIF_SUB_IFDS[0])
     if _PIXEL_X_DIMENSION not in section or _PIXEL_Y_DIMENSION not in section:
         return exif
@@ -206,8 +231,9 @@ def retag_tiff(tiff: bytes, picture: Picture) -> bytes:
 def _add_exif(directory: TiffImagePlugin.ImageFileDirectory_v2, exif_bytes: bytes) -> None:
     """EXIF keeps no tag types, and Pillow guesses them again from its table: a value that
     does not fit the guess (a LONG where it expects a SHORT) is left out, not the image."""
-    exif = Image.Exif()
-    exif.load(exif_bytes)
+    exif = _loaded(exif_bytes)
+    if exif is None:
+        return
     left_out = []
     for tag, value in exif.items():
         if tag in _TIFF_LAYOUT_TAGS:

@@ -228,3 +228,16 @@ def test_a_resolution_the_format_cannot_hold_is_left_out(fmt: str, dpi: tuple[fl
     again = decode_image(encode_image(Picture(np.zeros((6, 8, 3), dtype=np.uint8), dpi=dpi), fmt), "again")
     assert again.dpi is None or max(again.dpi) < 100  # Pillow's BMP says 96 when told nothing
     assert f"{fmt} cannot record a resolution of {dpi[0]:g} x 300 dpi; it is left out" in caplog.text
+
+
+@pytest.mark.filterwarnings("ignore:not a TIFF file")
+def test_exif_that_cannot_be_read_is_left_out_not_the_image(caplog: pytest.LogCaptureFixture) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for damaged in (b"Exif\0\0garbage!!", b"Exif\0\0" + exif.tobytes()[6:12]):  # not TIFF; cut short
+        for fmt in ("TIFF", "PNG", "JPEG"):
+            picture = Picture(np.zeros((6, 8, 3), dtype=np.uint8), exif=damaged)
+            assert decode_image(encode_image(picture, fmt), "again").pixels.shape == (6, 8, 3)
+    picture = decode_image(pil_bytes(Image.new("RGB", (8, 6)), "JPEG", exif=b"Exif\0\0garbage!!"), "odd.jpg")
+    assert decode_image(encode_image(picture, "TIFF"), "again").exif is None
+    assert "EXIF that cannot be read is left out" in caplog.text
