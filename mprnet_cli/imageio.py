@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from mprnet_cli import metadata
 from mprnet_cli.errors import InputError, OutputError
@@ -30,11 +30,13 @@ logger = logging.getLogger("mprnet")
 
 # We enforce our own pixel limit (read_image's max_pixels) with a clear message.
 Image.MAX_IMAGE_PIXELS = None
+# Pillow's guard on decompressed PNG text chunks (1 MB) also refuses the larger ICC profiles
+# that some printers' and scanners' are; 64 MB still stops a decompression bomb.
+PngImagePlugin.MAX_TEXT_CHUNK = 64 * 1024 * 1024
 
 #: Output extensions and the Pillow format each one writes.
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP"}
 _SIXTEEN_BIT_FORMATS = {"PNG", "TIFF"}
-_EXIF_ORIENTATION = 0x0112
 # Magic numbers of the formats we read: a file that starts with one but will not open is
 # a damaged image, which deserves a different message from "not an image at all".
 _IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF8", b"II*\x00", b"MM\x00*", b"RIFF", b"BM")
@@ -82,24 +84,30 @@ def decode_image(data: bytes, label: str, max_pixels: int | None = None) -> Pict
             )
         image.load()
         _warn_of_other_frames(data, label)
-        orientation = _orientation(image, label)
+        orientation = metadata.orientation(image, label)  # None: the EXIF cannot be read
         icc_profile = image.info.get("icc_profile") or None
         dpi = metadata.declared_dpi(image.info.get("dpi"), orientation or 1)
         png_colour = metadata.png_colour_chunks(image.info) if image.format == "PNG" else ()
         sixteen_bit_color = _is_sixteen_bit_color(image, data)
-        exif = None
-        if orientation is not None:  # the EXIF could be read
-            tiff_exif = metadata.tiff_exif(image) if image.format == "TIFF" else None
-            image = ImageOps.exif_transpose(image)
-            exif = metadata.turned_exif(tiff_exif or image.info.get("exif") or None, orientation)
-        xmp = image.info.get("xmp") or None  # after the turn, which clears its orientation too
+        exif, xmp, turn_pixels = None, image.info.get("xmp") or None, 1
+        if orientation is not None:
+            tiff_exif = metadata.tiff_exif(image, label) if image.format == "TIFF" else None
+            upright = metadata.upright(image, label)
+            if upright is None:
+                xmp, turn_pixels = None, orientation  # it may hold the orientation too
+            else:
+                image, xmp = upright, upright.info.get("xmp") or None  # its orientation cleared
+                exif = metadata.turned_exif(tiff_exif or image.info.get("exif") or None, orientation, label)
         if image.mode == "CMYK":
             # The pixels become RGB, which a CMYK profile cannot describe: keeping it would
             # make colour-managed viewers reject the output or misread its colours.
             logger.warning("%s: CMYK is converted to RGB without colour management%s", label,
                            "; its CMYK colour profile is dropped" if icc_profile else "")
             image, icc_profile = image.convert("RGB"), None
-        pixels = _decode_sixteen_bit(data, orientation or 1) if sixteen_bit_color else pil_pixels(image)
+        if sixteen_bit_color:
+            pixels = _decode_sixteen_bit(data, orientation or 1)
+        else:
+            pixels = np.ascontiguousarray(_orient(pil_pixels(image), turn_pixels))
     except UnsupportedMode as error:
         raise InputError(f"{label}: {error}") from None
     except UnidentifiedImageError:
@@ -109,16 +117,6 @@ def decode_image(data: bytes, label: str, max_pixels: int | None = None) -> Pict
     except (OSError, SyntaxError, ValueError, struct.error) as error:
         raise InputError(f"{label}: truncated or corrupt image ({error})") from None
     return Picture(pixels=pixels, icc_profile=icc_profile, exif=exif, xmp=xmp, dpi=dpi, png_colour=png_colour)
-
-
-def _orientation(image: Image.Image, label: str) -> int | None:
-    """The EXIF orientation; None when the EXIF cannot be read (Pillow refuses some that
-    others wrote), which costs the EXIF and the turn, not the image."""
-    try:
-        return image.getexif().get(_EXIF_ORIENTATION, 1)
-    except Exception:  # noqa: BLE001 - Pillow's parser raises many kinds on damaged EXIF
-        logger.warning("%s: EXIF that cannot be read is left out", label)
-        return None
 
 
 def _warn_of_other_frames(data: bytes, label: str) -> None:

@@ -15,20 +15,23 @@ import logging
 import math
 import struct
 import zlib
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from PIL import Image, TiffImagePlugin, TiffTags
+from PIL import Image, ImageOps, TiffImagePlugin, TiffTags
 
 if TYPE_CHECKING:
     from mprnet_cli.imageio import Picture
 
 logger = logging.getLogger("mprnet")
+T = TypeVar("T")
 
 #: Formats that Pillow writes metadata into (PNG and TIFF get theirs from us).
 _METADATA_FORMATS = {"JPEG", "WEBP"}
 #: Per format: its resolution unit in dots per inch, and the whole numbers it can store.
 _RESOLUTION_RANGES = {"JPEG": (1.0, (1, 65535)), "PNG": (1 / 0.0254, (1, 2**31 - 1)),
                       "BMP": (1 / 0.0254, (1, 2**31 - 1)), "TIFF": (1.0, (0, 2**32 - 1))}
+_EXIF_ORIENTATION = 0x0112
 #: Orientations that swap width and height.
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 #: EXIF pointers to sub-IFDs (Exif, GPS), which every camera writes; the Exif one holds
@@ -50,42 +53,59 @@ _JPEG_MAX_XMP = 65504
 _TIFF_DESCRIPTIVE_TAGS = (0x010E, 0x010F, 0x0110, 0x0131, 0x0132, 0x013B, 0x8298)
 
 
-def tiff_exif(image: Image.Image) -> bytes | None:
+def _guarded(where: str, action: Callable[[], T]) -> T | None:
+    """Cameras and editors write odd EXIF, and Pillow's parser and writer raise many kinds of
+    error on it (a tag of an unusual type, a section pointing nowhere): whatever fails costs
+    the EXIF, with a warning, never the image. `where` names the image ("photo.jpg: ")."""
+    try:
+        return action()
+    except Exception:  # noqa: BLE001 - see above
+        logger.warning("%sEXIF that cannot be read or rewritten is left out", where)
+        return None
+
+
+def orientation(image: Image.Image, label: str) -> int | None:
+    """The EXIF orientation, or None when the EXIF cannot be read."""
+    return _guarded(f"{label}: ", lambda: image.getexif().get(_EXIF_ORIENTATION, 1))
+
+
+def upright(image: Image.Image, label: str) -> Image.Image | None:
+    """The image turned as its EXIF says, orientation cleared (in XMP too), by Pillow; None
+    when Pillow cannot rewrite the EXIF, and the caller turns the pixels itself."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - as in `_guarded`
+        logger.warning("%s: its EXIF cannot be rewritten for the turned photo; EXIF and XMP are left out", label)
+        return None
+
+
+def tiff_exif(image: Image.Image, label: str) -> bytes | None:
     """A TIFF source's EXIF: its descriptive tags and camera sections, not its layout."""
-    tags = image.getexif()
-    if not _readable(tags):
-        return None
-    kept = Image.Exif()
-    for tag in _TIFF_DESCRIPTIVE_TAGS:
-        if tag in tags:
-            kept[tag] = tags[tag]
-    for pointer in _EXIF_SUB_IFDS:
-        section = _section(tags, pointer)
-        if section:
-            kept.get_ifd(pointer).update(section)
-    return kept.tobytes() if len(kept) else None
+    def kept_tags() -> bytes | None:
+        tags = image.getexif()
+        kept = Image.Exif()
+        for tag in _TIFF_DESCRIPTIVE_TAGS:
+            if tag in tags:
+                kept[tag] = tags[tag]
+        for pointer in _EXIF_SUB_IFDS:
+            section = _section(tags, pointer)
+            if section:
+                kept.get_ifd(pointer).update(section)
+        return kept.tobytes() if len(kept) else None
+
+    return _guarded(f"{label}: ", kept_tags)
 
 
-def _loaded(exif: bytes) -> Image.Exif | None:
-    tags = Image.Exif()
-    try:
+def _loaded(exif: bytes, where: str) -> Image.Exif | None:
+    """Parsed, sections and all (Pillow reads those only when first asked for them)."""
+    def load() -> Image.Exif:
+        tags = Image.Exif()
         tags.load(exif)
-    except Exception:  # noqa: BLE001 - Pillow's parser raises many kinds on damaged EXIF
-        logger.warning("EXIF that cannot be read is left out")
-        return None
-    return tags if _readable(tags) else None
-
-
-def _readable(tags: Image.Exif) -> bool:
-    """Cameras and editors write odd EXIF: a part that cannot be read costs the EXIF, not the
-    image. Pillow reads the sections when first asked for them, so they are asked here."""
-    try:
         for pointer in _EXIF_SUB_IFDS:
             _section(tags, pointer)
-    except Exception:  # noqa: BLE001 - as above
-        logger.warning("EXIF that cannot be read is left out")
-        return False
-    return True
+        return tags
+
+    return _guarded(where, load)
 
 
 def _section(exif: Image.Exif, pointer: int) -> dict[int, Any]:
@@ -109,18 +129,21 @@ def declared_dpi(declared: Any, orientation: int) -> tuple[float, float] | None:
     return (y, x) if orientation in _TRANSPOSING_ORIENTATIONS else (x, y)
 
 
-def turned_exif(exif: bytes | None, orientation: int) -> bytes | None:
+def turned_exif(exif: bytes | None, orientation: int, label: str) -> bytes | None:
     """After a quarter turn, the pixel dimensions that cameras record must swap too."""
     if not exif or orientation not in _TRANSPOSING_ORIENTATIONS:
         return exif
-    tags = _loaded(exif)
-    if tags is None:
-        return None
-    section = tags.get_ifd(_EXIF_SUB_IFDS[0])
-    if _PIXEL_X_DIMENSION not in section or _PIXEL_Y_DIMENSION not in section:
-        return exif
-    section[_PIXEL_X_DIMENSION], section[_PIXEL_Y_DIMENSION] = section[_PIXEL_Y_DIMENSION], section[_PIXEL_X_DIMENSION]
-    return tags.tobytes()
+
+    def swapped() -> bytes:
+        tags = Image.Exif()
+        tags.load(exif)
+        section = tags.get_ifd(_EXIF_SUB_IFDS[0])
+        if _PIXEL_X_DIMENSION not in section or _PIXEL_Y_DIMENSION not in section:
+            return exif
+        section[_PIXEL_X_DIMENSION], section[_PIXEL_Y_DIMENSION] = section[_PIXEL_Y_DIMENSION], section[_PIXEL_X_DIMENSION]
+        return tags.tobytes()
+
+    return _guarded(f"{label}: ", swapped)
 
 
 def png_colour_chunks(info: dict[str, Any]) -> tuple[tuple[bytes, bytes], ...]:
@@ -231,12 +254,12 @@ def retag_tiff(tiff: bytes, picture: Picture) -> bytes:
 def _add_exif(directory: TiffImagePlugin.ImageFileDirectory_v2, exif_bytes: bytes) -> None:
     """EXIF keeps no tag types, and Pillow guesses them again from its table: a value that
     does not fit the guess (a LONG where it expects a SHORT) is left out, not the image."""
-    exif = _loaded(exif_bytes)
+    exif = _loaded(exif_bytes, "")
     if exif is None:
         return
     left_out = []
     for tag, value in exif.items():
-        if tag in _TIFF_LAYOUT_TAGS:
+        if tag in _TIFF_LAYOUT_TAGS or tag == _EXIF_ORIENTATION:  # the pixels are upright
             continue
         if tag in _EXIF_SUB_IFDS:
             value = _section(exif, tag)
@@ -246,7 +269,7 @@ def _add_exif(directory: TiffImagePlugin.ImageFileDirectory_v2, exif_bytes: byte
             single.tagtype[tag] = TiffTags.LONG
         try:
             single.tobytes()
-        except (struct.error, TypeError, ValueError, OverflowError):
+        except Exception:  # noqa: BLE001 - as in `_guarded`, for this tag alone
             left_out.append(f"0x{tag:04X}")
             continue
         directory[tag] = value

@@ -60,7 +60,9 @@ class TileOptionError(ValueError):
 
 
 def _is_whole(value: object) -> bool:
-    """Python's and numpy's integers; not floats or strings."""
+    """Python's and numpy's integers; not floats, strings or booleans (`tile=False` is no size)."""
+    if isinstance(value, bool):
+        return False
     try:
         operator.index(value)
     except TypeError:

@@ -176,7 +176,7 @@ def test_a_jpegs_extra_pictures_are_not_pages(caplog: pytest.LogCaptureFixture) 
     photo = Image.new("RGB", (40, 30), (9, 8, 7))
     source = pil_bytes(photo, "MPO", save_all=True, append_images=[photo.resize((10, 8))])  # a preview
     assert decode_image(source, "photo.jpg").pixels.shape == (30, 40, 3)
-    assert "frames" not in caplog.text
+    assert caplog.records == []
 
 
 def test_cmyk_becomes_rgb_without_its_cmyk_profile(caplog: pytest.LogCaptureFixture) -> None:

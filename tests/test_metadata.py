@@ -240,4 +240,69 @@ def test_exif_that_cannot_be_read_is_left_out_not_the_image(caplog: pytest.LogCa
             assert decode_image(encode_image(picture, fmt), "again").pixels.shape == (6, 8, 3)
     picture = decode_image(pil_bytes(Image.new("RGB", (8, 6)), "JPEG", exif=b"Exif\0\0garbage!!"), "odd.jpg")
     assert decode_image(encode_image(picture, "TIFF"), "again").exif is None
-    assert "EXIF that cannot be read is left out" in caplog.text
+    assert "EXIF that cannot be read or rewritten is left out" in caplog.text  # on writing: no file name
+
+
+def _odd_make(orientation: int) -> bytes:
+    """EXIF that Pillow reads but cannot write back: Make (ASCII) stored as a RATIONAL."""
+    directory = TiffImagePlugin.ImageFileDirectory_v2(prefix=b"II")
+    directory[0x0112] = orientation
+    directory[0x010F] = TiffImagePlugin.IFDRational(3, 2)
+    directory.tagtype[0x010F] = TiffTags.RATIONAL
+    return b"Exif\0\0II*\0\x08\0\0\0" + directory.tobytes(8)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_a_photo_whose_exif_cannot_be_rewritten_is_still_turned(fmt: str, caplog: pytest.LogCaptureFixture) -> None:
+    pixels = RNG.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    source = pil_bytes(Image.fromarray(pixels), fmt, exif=_odd_make(6), xmp=XMP, **({"lossless": True} if fmt == "WEBP" else {}))
+    picture = decode_image(source, f"odd.{fmt.lower()}")
+    if fmt != "JPEG":  # lossy
+        np.testing.assert_array_equal(picture.pixels, np.rot90(pixels, -1))
+    assert picture.pixels.shape == (8, 6, 3) and (picture.exif, picture.xmp) == (None, None)
+    assert f"odd.{fmt.lower()}: its EXIF cannot be rewritten for the turned photo; EXIF and XMP are left out" in caplog.text
+
+
+def test_a_tiff_with_exif_it_cannot_rewrite_is_read_and_written(caplog: pytest.LogCaptureFixture) -> None:
+    picture = decode_image(pil_bytes(Image.new("RGB", (8, 6)), "JPEG", exif=_odd_make(1)), "odd.jpg")
+    assert picture.exif is not None  # read fine, and written fine into JPEG or PNG
+    tiff = encode_image(picture, "TIFF")  # the one tag left out
+    assert "EXIF tags 0x010F do not fit a TIFF as Pillow types them; they are left out" in caplog.text
+    assert decode_image(tiff, "again.tif").pixels.shape == (6, 8, 3)
+
+
+def _tiff_with_an_odd_make() -> bytes:
+    """An uncompressed 8x6 TIFF whose Make is a RATIONAL, which Pillow will not write."""
+    pixels = bytes(8 * 6 * 3)
+    directory = TiffImagePlugin.ImageFileDirectory_v2(prefix=b"II")
+    layout = {256: 8, 257: 6, 258: (8, 8, 8), 259: 1, 262: 2, 273: (0,), 277: 3, 278: 6, 279: (len(pixels),)}
+    for tag, value in layout.items():
+        directory[tag] = value
+        directory.tagtype[tag] = TiffTags.LONG if tag in (273, 279) else TiffTags.SHORT
+    directory[0x010F] = TiffImagePlugin.IFDRational(3, 2)
+    directory.tagtype[0x010F] = TiffTags.RATIONAL
+    return b"II*\0\x08\0\0\0" + directory.tobytes(8) + pixels  # strip offsets count from the directory's end
+
+
+def test_a_tiff_source_whose_exif_cannot_be_rewritten_is_read(caplog: pytest.LogCaptureFixture) -> None:
+    picture = decode_image(_tiff_with_an_odd_make(), "odd.tif")
+    assert picture.pixels.shape == (6, 8, 3) and picture.exif is None
+    assert "odd.tif: EXIF that cannot be read or rewritten is left out" in caplog.text
+
+
+def test_an_invalid_orientation_is_not_written_into_a_tiff(capfd: pytest.CaptureFixture[str]) -> None:
+    """libtiff would complain of it on stderr whenever the file is read."""
+    exif = Image.Exif()
+    exif[0x0112] = 0
+    tiff = encode_image(decode_image(pil_bytes(Image.new("RGB", (8, 6)), "JPEG", exif=exif.tobytes()), "x"), "TIFF")
+    assert 0x0112 not in Image.open(io.BytesIO(tiff)).getexif()
+    cv2.imdecode(np.frombuffer(tiff, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert capfd.readouterr().err == ""
+
+
+def test_an_icc_profile_over_a_megabyte_is_kept() -> None:
+    """Pillow's text-chunk guard would refuse it in a PNG; some printers' profiles are that large."""
+    profile = SRGB_ICC + bytes(RNG.integers(0, 256, 2 * 1024 * 1024, dtype=np.uint8))
+    for dtype in (np.uint8, np.uint16):
+        png = encode_image(Picture(np.zeros((6, 8, 3), dtype=dtype), icc_profile=profile), "PNG")
+        assert decode_image(png, "large.png").icc_profile == profile

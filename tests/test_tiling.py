@@ -131,6 +131,8 @@ def test_numpy_integers_are_whole_numbers() -> None:
         ("auto", 8, "core", "tile size 'auto': expected a whole number of pixels, 0 for none, or None for auto"),
         (64.0, 8, "core", "tile size 64.0: expected a whole number of pixels"),
         (64, "8", "core", "tile overlap '8': expected a whole number of pixels"),
+        (False, 8, "core", "tile size False: expected a whole number of pixels"),
+        (64, True, "core", "tile overlap True: expected a whole number of pixels"),
     ],
 )
 def test_impossible_options_are_refused_in_words(tile: int, overlap: int, blend: str, message: str) -> None:
