@@ -82,6 +82,7 @@ def decode_image(data: bytes, label: str, max_pixels: int | None = None) -> Pict
             raise InputError(
                 f"{label}: {image.width}x{image.height} is over the {max_pixels:,}-pixel limit (raise it with --max-pixels)"
             )
+        metadata.xmp_as_bytes(image)
         image.load()
         _warn_of_other_frames(data, label)
         orientation = metadata.orientation(image, label)  # None: the EXIF cannot be read

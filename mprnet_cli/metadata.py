@@ -64,6 +64,13 @@ def _guarded(where: str, action: Callable[[], T]) -> T | None:
         return None
 
 
+def xmp_as_bytes(image: Image.Image) -> None:
+    """Some TIFF writers type the XMP packet as text, and Pillow's own EXIF reading (in
+    `load`) then trips over it: it is made the bytes Pillow expects."""
+    if isinstance(image.info.get("xmp"), str):
+        image.info["xmp"] = image.info["xmp"].encode("utf-8", "surrogateescape")
+
+
 def orientation(image: Image.Image, label: str) -> int | None:
     """The EXIF orientation, or None when the EXIF cannot be read."""
     return _guarded(f"{label}: ", lambda: image.getexif().get(_EXIF_ORIENTATION, 1))

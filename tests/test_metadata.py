@@ -271,21 +271,23 @@ def test_a_tiff_with_exif_it_cannot_rewrite_is_read_and_written(caplog: pytest.L
     assert decode_image(tiff, "again.tif").pixels.shape == (6, 8, 3)
 
 
-def _tiff_with_an_odd_make() -> bytes:
-    """An uncompressed 8x6 TIFF whose Make is a RATIONAL, which Pillow will not write."""
+def _bare_tiff(**extra: tuple[int, object, int]) -> bytes:
+    """An uncompressed 8x6 TIFF with `extra` tags (name=(tag, value, type)) as other
+    writers type them, which Pillow's writer would not."""
     pixels = bytes(8 * 6 * 3)
     directory = TiffImagePlugin.ImageFileDirectory_v2(prefix=b"II")
     layout = {256: 8, 257: 6, 258: (8, 8, 8), 259: 1, 262: 2, 273: (0,), 277: 3, 278: 6, 279: (len(pixels),)}
     for tag, value in layout.items():
         directory[tag] = value
         directory.tagtype[tag] = TiffTags.LONG if tag in (273, 279) else TiffTags.SHORT
-    directory[0x010F] = TiffImagePlugin.IFDRational(3, 2)
-    directory.tagtype[0x010F] = TiffTags.RATIONAL
+    for tag, value, kind in extra.values():
+        directory[tag] = value
+        directory.tagtype[tag] = kind
     return b"II*\0\x08\0\0\0" + directory.tobytes(8) + pixels  # strip offsets count from the directory's end
 
 
 def test_a_tiff_source_whose_exif_cannot_be_rewritten_is_read(caplog: pytest.LogCaptureFixture) -> None:
-    picture = decode_image(_tiff_with_an_odd_make(), "odd.tif")
+    picture = decode_image(_bare_tiff(make=(0x010F, TiffImagePlugin.IFDRational(3, 2), TiffTags.RATIONAL)), "odd.tif")
     assert picture.pixels.shape == (6, 8, 3) and picture.exif is None
     assert "odd.tif: EXIF that cannot be read or rewritten is left out" in caplog.text
 
@@ -306,3 +308,9 @@ def test_an_icc_profile_over_a_megabyte_is_kept() -> None:
     for dtype in (np.uint8, np.uint16):
         png = encode_image(Picture(np.zeros((6, 8, 3), dtype=dtype), icc_profile=profile), "PNG")
         assert decode_image(png, "large.png").icc_profile == profile
+
+
+def test_an_xmp_packet_typed_as_text_is_read() -> None:
+    """Pillow's own EXIF reading trips over it; the image used to be lost."""
+    picture = decode_image(_bare_tiff(xmp=(700, XMP.decode(), TiffTags.ASCII)), "text_xmp.tif")
+    assert picture.pixels.shape == (6, 8, 3) and picture.xmp == XMP
