@@ -187,23 +187,25 @@ def format_for(path: Path) -> str:
     return fmt
 
 
-def encode_image(picture: Picture, fmt: str, quality: int = 95) -> bytes:
+def encode_image(picture: Picture, fmt: str, quality: int = 95, label: str = "") -> bytes:
     """Encode to `fmt` ('PNG', 'JPEG', ...). 16-bit pixels stay 16-bit where the format
-    allows; alpha is dropped (with a warning) where it does not."""
+    allows; alpha is dropped (with a warning) where it does not. `label` names the output in
+    warnings (in a batch, they come from the writer while other images are being read)."""
+    where = f"{label}: " if label else ""
     pixels = picture.pixels
     if fmt in ("JPEG", "BMP") and _has_alpha(pixels):
-        logger.warning("%s cannot store transparency; the alpha channel is dropped", fmt)
+        logger.warning("%s%s cannot store transparency; the alpha channel is dropped", where, fmt)
         pixels = pixels[..., :-1] if pixels.shape[-1] == 4 else pixels[..., 0]
     if pixels.dtype == np.uint16 and fmt not in _SIXTEEN_BIT_FORMATS:
-        logger.warning("%s cannot store 16 bits per channel; writing 8 bits", fmt)
+        logger.warning("%s%s cannot store 16 bits per channel; writing 8 bits", where, fmt)
         pixels = np.round(pixels / 257.0).astype(np.uint8)
     if pixels.dtype == np.uint16 and pixels.ndim == 3:
-        return _encode_sixteen_bit_color(pixels, fmt, picture)
+        return _encode_sixteen_bit_color(pixels, fmt, picture, where)
     if fmt == "TIFF":
-        return metadata.retag_tiff(_pil_bytes(pixels, fmt, compression="tiff_lzw"), picture)
+        return metadata.retag_tiff(_pil_bytes(pixels, fmt, compression="tiff_lzw"), picture, where)
     if fmt == "PNG":
-        return metadata.add_png_metadata(_pil_bytes(pixels, fmt), picture)
-    options = metadata.pillow_options(picture, fmt)
+        return metadata.add_png_metadata(_pil_bytes(pixels, fmt), picture, where)
+    options = metadata.pillow_options(picture, fmt, where)
     if fmt == "JPEG":
         options.update(quality=quality, subsampling=0 if quality >= 90 else 2)
     elif fmt == "WEBP":
@@ -221,7 +223,7 @@ def _has_alpha(pixels: np.ndarray) -> bool:
     return pixels.ndim == 3 and pixels.shape[2] in (2, 4)
 
 
-def _encode_sixteen_bit_color(pixels: np.ndarray, fmt: str, picture: Picture) -> bytes:
+def _encode_sixteen_bit_color(pixels: np.ndarray, fmt: str, picture: Picture, where: str) -> bytes:
     import cv2
 
     order = cv2.COLOR_RGBA2BGRA if pixels.shape[2] == 4 else cv2.COLOR_RGB2BGR
@@ -229,7 +231,7 @@ def _encode_sixteen_bit_color(pixels: np.ndarray, fmt: str, picture: Picture) ->
     if not ok:
         raise OutputError(f"OpenCV could not encode a 16-bit {fmt}")
     data = encoded.tobytes()
-    return metadata.add_png_metadata(data, picture) if fmt == "PNG" else metadata.retag_tiff(data, picture)
+    return metadata.add_png_metadata(data, picture, where) if fmt == "PNG" else metadata.retag_tiff(data, picture, where)
 
 
 def _keep_mode(path: Path, descriptor: int) -> None:

@@ -165,23 +165,23 @@ def png_colour_chunks(info: dict[str, Any]) -> tuple[tuple[bytes, bytes], ...]:
     return tuple(chunks)
 
 
-def pillow_options(picture: Picture, fmt: str) -> dict[str, object]:
+def pillow_options(picture: Picture, fmt: str, where: str) -> dict[str, object]:
     """Pillow's save options for the metadata that `fmt` (JPEG, WebP, BMP) can hold."""
     options: dict[str, object] = {}
-    dpi = _resolution_for(fmt, picture.dpi)
+    dpi = _resolution_for(fmt, picture.dpi, where)
     if dpi:
         options["dpi"] = dpi
     if fmt not in _METADATA_FORMATS:
         return options
     exif, xmp = picture.exif, picture.xmp
     if fmt == "JPEG":
-        exif = _fits_jpeg(exif, _JPEG_MAX_EXIF, "EXIF")
-        xmp = _fits_jpeg(xmp, _JPEG_MAX_XMP, "XMP")
+        exif = _fits_jpeg(exif, _JPEG_MAX_EXIF, "EXIF", where)
+        xmp = _fits_jpeg(xmp, _JPEG_MAX_XMP, "XMP", where)
     options.update({k: v for k, v in (("icc_profile", picture.icc_profile), ("exif", exif), ("xmp", xmp)) if v})
     return options
 
 
-def _resolution_for(fmt: str, dpi: tuple[float, float] | None) -> tuple[float, float] | None:
+def _resolution_for(fmt: str, dpi: tuple[float, float] | None, where: str) -> tuple[float, float] | None:
     """The resolution if `fmt` can record it: JPEG in whole dots per inch up to 65535, PNG
     and BMP in whole dots per metre up to 2**31 - 1 (a microscope's can be more)."""
     if dpi is None or fmt not in _RESOLUTION_RANGES:
@@ -189,18 +189,18 @@ def _resolution_for(fmt: str, dpi: tuple[float, float] | None) -> tuple[float, f
     per_unit, (low, high) = _RESOLUTION_RANGES[fmt]
     if all(low <= round(value * per_unit) <= high for value in dpi):
         return dpi
-    logger.warning("%s cannot record a resolution of %g x %g dpi; it is left out", fmt, *dpi)
+    logger.warning("%s%s cannot record a resolution of %g x %g dpi; it is left out", where, fmt, *dpi)
     return None
 
 
-def _fits_jpeg(block: bytes | None, limit: int, name: str) -> bytes | None:
+def _fits_jpeg(block: bytes | None, limit: int, name: str, where: str) -> bytes | None:
     if block and len(block) > limit:
-        logger.warning("%s of %d bytes is more than a JPEG can hold (%d); it is dropped", name, len(block), limit)
+        logger.warning("%s%s of %d bytes is more than a JPEG can hold (%d); it is dropped", where, name, len(block), limit)
         return None
     return block
 
 
-def add_png_metadata(png: bytes, picture: Picture) -> bytes:
+def add_png_metadata(png: bytes, picture: Picture, where: str) -> bytes:
     """Insert the metadata chunks right after IHDR (all but iTXt must come before the image
     data, and the colour ones before any palette)."""
     chunks = b""
@@ -209,7 +209,7 @@ def add_png_metadata(png: bytes, picture: Picture) -> bytes:
     for kind, body in picture.png_colour:
         if not (kind == b"sRGB" and picture.icc_profile):  # the PNG standard: one or the other
             chunks += _png_chunk(kind, body)
-    dpi = _resolution_for("PNG", picture.dpi)
+    dpi = _resolution_for("PNG", picture.dpi, where)
     if dpi:
         per_metre = (round(dots / 0.0254) for dots in dpi)
         chunks += _png_chunk(b"pHYs", struct.pack(">IIB", *per_metre, 1))
@@ -225,7 +225,7 @@ def _png_chunk(kind: bytes, body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
 
-def retag_tiff(tiff: bytes, picture: Picture) -> bytes:
+def retag_tiff(tiff: bytes, picture: Picture, where: str) -> bytes:
     """A TIFF of bare pixels with the picture's metadata, and a fourth channel declared as
     alpha (OpenCV leaves it undeclared): Pillow writes a directory of the pixels' tags and
     ours, and their strips follow it. Pillow's directory counts strip offsets from its own
@@ -243,10 +243,10 @@ def retag_tiff(tiff: bytes, picture: Picture) -> bytes:
     if len(source[258]) == 4:  # BitsPerSample: RGBA
         directory[_TIFF_EXTRA_SAMPLES] = (2,)  # unassociated alpha
     if picture.exif:
-        _add_exif(directory, picture.exif)
+        _add_exif(directory, picture.exif, where)
     for tag in _TIFF_RESOLUTION_TAGS:  # Pillow's default of 1, unless the picture has one
         directory.pop(tag, None)
-    dpi = _resolution_for("TIFF", picture.dpi)
+    dpi = _resolution_for("TIFF", picture.dpi, where)
     if dpi:
         directory[_TIFF_RESOLUTION_TAGS[0]], directory[_TIFF_RESOLUTION_TAGS[1]] = dpi
         directory[_TIFF_RESOLUTION_TAGS[2]] = 2  # inches
@@ -258,10 +258,10 @@ def retag_tiff(tiff: bytes, picture: Picture) -> bytes:
     return header + directory.tobytes(len(header)) + strips
 
 
-def _add_exif(directory: TiffImagePlugin.ImageFileDirectory_v2, exif_bytes: bytes) -> None:
+def _add_exif(directory: TiffImagePlugin.ImageFileDirectory_v2, exif_bytes: bytes, where: str) -> None:
     """EXIF keeps no tag types, and Pillow guesses them again from its table: a value that
     does not fit the guess (a LONG where it expects a SHORT) is left out, not the image."""
-    exif = _loaded(exif_bytes, "")
+    exif = _loaded(exif_bytes, where)
     if exif is None:
         return
     left_out = []
@@ -282,4 +282,5 @@ def _add_exif(directory: TiffImagePlugin.ImageFileDirectory_v2, exif_bytes: byte
         directory[tag] = value
         directory.tagtype[tag] = single.tagtype[tag]
     if left_out:
-        logger.warning("EXIF tags %s do not fit a TIFF as Pillow types them; they are left out", ", ".join(left_out))
+        logger.warning("%sEXIF tags %s do not fit a TIFF as Pillow types them; they are left out", where,
+                       ", ".join(left_out))

@@ -340,10 +340,11 @@ def _read(source: str, max_pixels: int | None) -> Picture:
 def _write(picture: Picture, target: str, stdout_format: str, quality: int) -> None:
     to_stdout = target == STDIO
     fmt = stdout_format if to_stdout else format_for(Path(target))
+    label = "stdout" if to_stdout else target
     try:
-        data = encode_image(picture, fmt, quality)
+        data = encode_image(picture, fmt, quality, label)
     except (OSError, ValueError) as error:  # Pillow's encoders: size limits, unsupported modes
-        raise OutputError(f"{'stdout' if to_stdout else target}: cannot encode as {fmt} ({error})") from None
+        raise OutputError(f"{label}: cannot encode as {fmt} ({error})") from None
     if to_stdout:
         _write_stdout(data)
         return

@@ -122,6 +122,14 @@ def test_a_librarys_warning_is_one_line_of_ours(tmp_path: Path) -> None:
     assert f"warning: {scan}: only the first frame or page is restored; the others are unreadable" in lines
 
 
+def test_a_warning_while_writing_names_the_output(tmp_path: Path) -> None:
+    """In a batch it comes from the writer thread, beside other images' lines."""
+    Image.new("RGBA", (16, 12), (90, 90, 90, 128)).save(tmp_path / "see_through.png")
+    result = runner.invoke(app, ["denoise", str(tmp_path / "see_through.png"), "-o", str(tmp_path / "flat.jpg"), *WEIGHTS])
+    assert result.exit_code == 0, result.stderr
+    assert f"warning: {tmp_path / 'flat.jpg'}: JPEG cannot store transparency; the alpha channel is dropped" in result.stderr
+
+
 def test_stdin_to_stdout(photo: Path) -> None:
     result = runner.invoke(app, ["deblur", "-", "-o", "-", *WEIGHTS], input=photo.read_bytes())
     assert result.exit_code == 0, result.stderr
