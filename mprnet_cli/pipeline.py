@@ -349,11 +349,26 @@ def _write(picture: Picture, target: str, stdout_format: str, quality: int) -> N
         _write_stdout(data)
         return
     path = Path(target)
+    made = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]  # deepest first
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise OutputError(f"{path.parent}: cannot create the output directory ({error.strerror or error})") from None
-    write_atomic(path, data)
+    try:
+        write_atomic(path, data)
+    except OutputError:
+        _remove_if_empty(made)
+        raise
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    """A write that failed leaves no folders it made for itself (one that another image
+    wrote into since is not empty, and stays)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _write_stdout(data: bytes) -> None:

@@ -104,6 +104,17 @@ def test_a_glob_decides_about_hidden_files_itself(tree: Path, tmp_path: Path) ->
     assert [Path(j.source).name for j in plan.jobs] == [".hidden.png"] and plan.skipped == []
 
 
+def test_a_failed_write_leaves_no_folder_it_made(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def disk_full(path: Path, data: bytes) -> None:
+        raise OutputError(f"{path}: cannot write (No space left on device)")
+
+    monkeypatch.setattr(pipeline, "write_atomic", disk_full)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(OutputError):
+        pipeline._write(Picture(np.zeros((4, 4, 3), dtype=np.uint8)), str(tmp_path / "out" / "a" / "b" / "x.png"), "PNG", 95)
+    assert list(tmp_path.iterdir()) == [tmp_path / "out"] and list((tmp_path / "out").iterdir()) == []
+
+
 def test_without_output_results_go_beside_inputs(tree: Path) -> None:
     plan = plan_jobs([str(tree / "a.png"), str(tree / "b.jpg")], OutputNaming("denoise"))
     assert [j.target for j in plan.jobs] == [str(tree / "a_denoised.png"), str(tree / "b_denoised.jpg")]
