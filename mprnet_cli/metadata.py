@@ -66,9 +66,10 @@ def _guarded(where: str, action: Callable[[], T]) -> T | None:
 
 def xmp_as_bytes(image: Image.Image) -> None:
     """Some TIFF writers type the XMP packet as text, and Pillow's own EXIF reading (in
-    `load`) then trips over it: it is made the bytes Pillow expects."""
+    `load`) then trips over it: it is made the bytes Pillow expects, the file's own bytes
+    again (Pillow decodes text tags as Latin-1)."""
     if isinstance(image.info.get("xmp"), str):
-        image.info["xmp"] = image.info["xmp"].encode("utf-8", "surrogateescape")
+        image.info["xmp"] = image.info["xmp"].encode("latin-1", "replace")
 
 
 def orientation(image: Image.Image, label: str) -> int | None:

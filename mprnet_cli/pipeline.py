@@ -160,6 +160,13 @@ def normalise_extension(extension: str | None) -> str | None:
 
 def plan_jobs(inputs: list[str], naming: OutputNaming) -> Plan:
     """Pair each input with its output, checking everything that can be checked before work starts."""
+    try:
+        return _plan(inputs, naming)
+    except OSError as error:  # a folder on the way that may not be looked into, say
+        raise MprnetError(f"{error.filename or 'a path'}: {error.strerror or error}") from None
+
+
+def _plan(inputs: list[str], naming: OutputNaming) -> Plan:
     if not inputs:
         raise InputError("no input given")
     if STDIO in inputs and len(inputs) > 1:
@@ -349,15 +356,15 @@ def _write(picture: Picture, target: str, stdout_format: str, quality: int) -> N
         _write_stdout(data)
         return
     path = Path(target)
-    made = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]  # deepest first
+    made: list[Path] = []
     try:
+        made = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]  # deepest first
         path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise OutputError(f"{path.parent}: cannot create the output directory ({error.strerror or error})") from None
-    try:
         write_atomic(path, data)
-    except OutputError:
+    except BaseException as error:
         _remove_if_empty(made)
+        if isinstance(error, OSError):  # looking for or making the folders
+            raise OutputError(f"{path.parent}: cannot create the output directory ({error.strerror or error})") from None
         raise
 
 

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from mprnet_cli import pipeline
-from mprnet_cli.errors import InputError, OutputError
+from mprnet_cli.errors import InputError, MprnetError, OutputError
 from mprnet_cli.imageio import Picture
 from mprnet_cli.pipeline import Job, OutputNaming, default_target, normalise_extension, plan_jobs, run_jobs
 
@@ -113,6 +113,33 @@ def test_a_failed_write_leaves_no_folder_it_made(tmp_path: Path, monkeypatch: py
     with pytest.raises(OutputError):
         pipeline._write(Picture(np.zeros((4, 4, 3), dtype=np.uint8)), str(tmp_path / "out" / "a" / "b" / "x.png"), "PNG", 95)
     assert list(tmp_path.iterdir()) == [tmp_path / "out"] and list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_path_that_may_not_be_looked_into_is_one_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As for a user who may not enter a folder on the way to -o (root may, so it is simulated)."""
+    photo = write_image(tmp_path / "photo.png")
+    locked = tmp_path / "locked"
+    real_is_dir = Path.is_dir
+
+    def is_dir(path: Path) -> bool:
+        if locked in (path, *path.parents):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_is_dir(path)
+
+    monkeypatch.setattr(Path, "is_dir", is_dir)
+    with pytest.raises(MprnetError) as error:
+        plan_jobs([str(photo)], OutputNaming("deblur", output=f"{locked}/sub/"))
+    assert error.value.message == f"{locked}/sub: Permission denied"
+
+
+def test_a_write_that_fails_for_any_reason_leaves_no_folder_it_made(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupted(path: Path, data: bytes) -> None:
+        raise MemoryError
+
+    monkeypatch.setattr(pipeline, "write_atomic", interrupted)
+    with pytest.raises(MemoryError):
+        pipeline._write(Picture(np.zeros((4, 4, 3), dtype=np.uint8)), str(tmp_path / "a" / "x.png"), "PNG", 95)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_without_output_results_go_beside_inputs(tree: Path) -> None:
