@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import warnings
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from types import ModuleType

@@ -199,12 +199,12 @@ def encode_image(picture: Picture, fmt: str, quality: int = 95, label: str = "")
     if pixels.dtype == np.uint16 and fmt not in _SIXTEEN_BIT_FORMATS:
         logger.warning("%s%s cannot store 16 bits per channel; writing 8 bits", where, fmt)
         pixels = np.round(pixels / 257.0).astype(np.uint8)
-    if pixels.dtype == np.uint16 and pixels.ndim == 3:
-        return _encode_sixteen_bit_color(pixels, fmt, picture, where)
-    if fmt == "TIFF":
-        return metadata.retag_tiff(_pil_bytes(pixels, fmt, compression="tiff_lzw"), picture, where)
-    if fmt == "PNG":
-        return metadata.add_png_metadata(_pil_bytes(pixels, fmt), picture, where)
+    if fmt in ("PNG", "TIFF"):  # bare pixels, then the metadata in the format's own containers
+        if pixels.dtype == np.uint16 and pixels.ndim == 3:
+            bare = _sixteen_bit_color_bytes(pixels, fmt)
+        else:
+            bare = _pil_bytes(pixels, fmt, **({"compression": "tiff_lzw"} if fmt == "TIFF" else {}))
+        return metadata.add_png_metadata(bare, picture, where) if fmt == "PNG" else metadata.retag_tiff(bare, picture, where)
     options = metadata.pillow_options(picture, fmt, where)
     if fmt == "JPEG":
         options.update(quality=quality, subsampling=0 if quality >= 90 else 2)
@@ -223,15 +223,14 @@ def _has_alpha(pixels: np.ndarray) -> bool:
     return pixels.ndim == 3 and pixels.shape[2] in (2, 4)
 
 
-def _encode_sixteen_bit_color(pixels: np.ndarray, fmt: str, picture: Picture, where: str) -> bytes:
+def _sixteen_bit_color_bytes(pixels: np.ndarray, fmt: str) -> bytes:
     import cv2
 
     order = cv2.COLOR_RGBA2BGRA if pixels.shape[2] == 4 else cv2.COLOR_RGB2BGR
     ok, encoded = cv2.imencode(".png" if fmt == "PNG" else ".tiff", cv2.cvtColor(pixels, order))
     if not ok:
         raise OutputError(f"OpenCV could not encode a 16-bit {fmt}")
-    data = encoded.tobytes()
-    return metadata.add_png_metadata(data, picture, where) if fmt == "PNG" else metadata.retag_tiff(data, picture, where)
+    return encoded.tobytes()
 
 
 def _keep_mode(path: Path, descriptor: int) -> None:

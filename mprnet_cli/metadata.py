@@ -53,14 +53,15 @@ _JPEG_MAX_XMP = 65504
 _TIFF_DESCRIPTIVE_TAGS = (0x010E, 0x010F, 0x0110, 0x0131, 0x0132, 0x013B, 0x8298)
 
 
-def _guarded(where: str, action: Callable[[], T]) -> T | None:
+def _guarded(where: str, action: Callable[[], T],
+             what: str = "EXIF that cannot be read or rewritten is left out") -> T | None:
     """Cameras and editors write odd EXIF, and Pillow's parser and writer raise many kinds of
     error on it (a tag of an unusual type, a section pointing nowhere): whatever fails costs
     the EXIF, with a warning, never the image. `where` names the image ("photo.jpg: ")."""
     try:
         return action()
     except Exception:  # noqa: BLE001 - see above
-        logger.warning("%sEXIF that cannot be read or rewritten is left out", where)
+        logger.warning("%s%s", where, what)
         return None
 
 
@@ -80,11 +81,8 @@ def orientation(image: Image.Image, label: str) -> int | None:
 def upright(image: Image.Image, label: str) -> Image.Image | None:
     """The image turned as its EXIF says, orientation cleared (in XMP too), by Pillow; None
     when Pillow cannot rewrite the EXIF, and the caller turns the pixels itself."""
-    try:
-        return ImageOps.exif_transpose(image)
-    except Exception:  # noqa: BLE001 - as in `_guarded`
-        logger.warning("%s: its EXIF cannot be rewritten for the turned photo; EXIF and XMP are left out", label)
-        return None
+    return _guarded(f"{label}: ", lambda: ImageOps.exif_transpose(image),
+                    "its EXIF cannot be rewritten for the turned photo; EXIF and XMP are left out")
 
 
 def tiff_exif(image: Image.Image, label: str) -> bytes | None:

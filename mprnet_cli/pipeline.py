@@ -218,9 +218,8 @@ def _plan(inputs: list[str], naming: OutputNaming) -> Plan:
 def _check_writable(directory: Path, checked: set[Path]) -> None:
     """Refuse an output directory that cannot be made or written before any image is
     computed; the write itself still reports what this cannot foresee."""
-    existing = directory
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    missing = _missing_folders(directory)
+    existing = missing[-1].parent if missing else directory
     if existing in checked:
         return
     checked.add(existing)
@@ -250,10 +249,11 @@ def _collect_sources(inputs: list[str], recursive: bool) -> tuple[list[tuple[Pat
             path = Path(argument)
             if not path.exists():
                 raise InputError(f"{argument}: no such file or directory")
-            if path.resolve() in named:
+            resolved = path.resolve()
+            if resolved in named:
                 skipped.append((str(path), "named more than once"))
             else:
-                named.add(path.resolve())
+                named.add(resolved)
                 sources.append((path, Path(path.name)))
             continue
         batch = True
@@ -358,7 +358,7 @@ def _write(picture: Picture, target: str, stdout_format: str, quality: int) -> N
     path = Path(target)
     made: list[Path] = []
     try:
-        made = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]  # deepest first
+        made = _missing_folders(path.parent)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, data)
     except BaseException as error:
@@ -366,6 +366,15 @@ def _write(picture: Picture, target: str, stdout_format: str, quality: int) -> N
         if isinstance(error, OSError):  # looking for or making the folders
             raise OutputError(f"{path.parent}: cannot create the output directory ({error.strerror or error})") from None
         raise
+
+
+def _missing_folders(directory: Path) -> list[Path]:
+    """`directory` and the folders above it that do not exist yet, deepest first."""
+    missing = []
+    while not directory.exists() and directory != directory.parent:
+        missing.append(directory)
+        directory = directory.parent
+    return missing
 
 
 def _remove_if_empty(folders: list[Path]) -> None:
