@@ -13,7 +13,8 @@ from torch import nn
 from mprnet_cli.checkpoints import read_state_dict
 from mprnet_cli.devices import cpu_has_native_bf16
 from mprnet_cli.model.config import TASK_CONFIGS, MPRNetConfig, infer_config
-from mprnet_cli.model.network import MPRNet, UpSample, _conv_prelu, _gate_and_add
+from mprnet_cli.model import network
+from mprnet_cli.model.network import MPRNet, UpSample, _conv_prelu, _gate_and_add, _two_convolutions
 
 from .conftest import DATA, PARITY, TINY_CHECKPOINT
 
@@ -70,16 +71,17 @@ def test_batched_images_are_restored_independently() -> None:
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
 
 
-def test_fused_in_place_inference_gives_the_same_numbers_and_training_still_backpropagates() -> None:
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_in_place_inference_gives_the_same_numbers_and_training_still_backpropagates(bias: bool) -> None:
     torch.manual_seed(0)
-    model = MPRNet(MPRNetConfig(n_feat=8, scale_unetfeats=4, scale_orsnetfeats=4, num_cab=1)).eval()
+    model = MPRNet(MPRNetConfig(n_feat=8, scale_unetfeats=4, scale_orsnetfeats=4, num_cab=1, bias=bias)).eval()
     image = torch.rand(1, 3, 32, 48)
     with torch.inference_mode():
         fused = model(image)
     with torch.no_grad():
         plain = model(image)
-    for a, b in zip(fused, plain):  # fused multiply-adds round once instead of twice
-        torch.testing.assert_close(a, b, atol=2e-6, rtol=0)
+    for a, b in zip(fused, plain):  # fused multiply-adds round once instead of twice; composed kernels
+        torch.testing.assert_close(a, b, atol=5e-6, rtol=0)
     model(image)[0].mean().backward()  # no "modified by an inplace operation" error
     assert all(p.grad is not None for p in model.parameters())
 
@@ -173,3 +175,45 @@ def test_gating_in_bf16_matches_the_plain_product_and_sum(channels: int) -> None
     with torch.inference_mode():
         gated = _gate_and_add(features.clone(), gate, residual)
     assert torch.equal(gated, expected)
+
+
+@pytest.mark.parametrize("kernel", [3, 5])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("with_activation", [False, True])
+def test_two_convolutions_run_as_one_equal_the_two_in_turn(kernel: int, bias: bool, with_activation: bool) -> None:
+    """Odd sides, a batch of two and channels-last: the ring taken the two-step way must
+    line up with the composed interior on every side of every image."""
+    torch.manual_seed(0)
+    first = nn.Conv2d(3, 6, kernel, padding=kernel // 2, bias=bias)
+    second = nn.Conv2d(6, 5, kernel, padding=kernel // 2, bias=bias)
+    activation = nn.PReLU(init=0.3) if with_activation else None
+    image = torch.randn(2, 3, 11, 17).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = second(first(image))
+        expected = activation(expected) if activation else expected
+    with torch.inference_mode(), mock.patch.object(network, "_composed_kernel", wraps=network._composed_kernel) as kernels:
+        composed = _two_convolutions(first, second, image, activation)
+    kernels.assert_called_once()
+    torch.testing.assert_close(composed, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_sides_too_short_for_a_ring_are_convolved_in_turn() -> None:
+    torch.manual_seed(0)
+    first, second = nn.Conv2d(3, 4, 5, padding=2), nn.Conv2d(4, 2, 5, padding=2)
+    image = torch.randn(1, 3, 5, 16)  # under 3 x padding rows
+    with torch.inference_mode(), mock.patch.object(network, "_composed_kernel", side_effect=AssertionError("composed")):
+        got = _two_convolutions(first, second, image)
+    with torch.no_grad():
+        torch.testing.assert_close(got, second(first(image)), atol=1e-6, rtol=0)
+
+
+def test_shallow_features_and_the_tail_are_composed_only_in_eager_cpu_inference() -> None:
+    model = MPRNet(MPRNetConfig(n_feat=8, scale_unetfeats=4, scale_orsnetfeats=4, num_cab=1)).eval()
+    image = torch.rand(1, 3, 16, 24)
+    with mock.patch.object(network, "_two_convolutions", wraps=_two_convolutions) as composed:
+        with torch.inference_mode():
+            model(image)
+        assert composed.call_count == 4  # three stages' shallow features, and stage 3's closing convolution with the tail
+        with torch.no_grad():
+            model(image)
+        assert composed.call_count == 4

@@ -58,18 +58,82 @@ def _gate_and_add(x: Tensor, gate: Tensor, residual: Tensor) -> Tensor:
 
 
 def _conv_prelu(conv: nn.Conv2d, activation: nn.PReLU, x: Tensor) -> Tensor:
-    """`activation(conv(x))`, fused on the CPU.
+    """`activation(conv(x))`, fused on the CPU (`_convolve`)."""
+    return _convolve(x, conv.weight, conv.bias, conv.padding[0], activation)
+
+
+def _convolve(x: Tensor, weight: Tensor, bias: Tensor | None, padding: int,
+              activation: nn.PReLU | None = None) -> Tensor:
+    """A stride-1 convolution, then `activation` if given.
 
     The published PReLU has one slope, which makes it a leaky ReLU: oneDNN applies that to
     the convolution's accumulators as they are stored (a post-op), which saves a pass over
     the output; the separate PReLU was 5% of a deblur forward. Only for inference on CPU
     tensors that oneDNN computes natively; the result matches the unfused one to rounding.
     """
+    if activation is None:
+        return F.conv2d(x, weight, bias, padding=padding)
     if not (_eager_inference() and activation.weight.numel() == 1 and _onednn_computes(x)):
-        return activation(conv(x))
+        return activation(F.conv2d(x, weight, bias, padding=padding))
     return torch.ops.mkldnn._convolution_pointwise(
-        x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups,
-        "leaky_relu", [activation.weight.item()], "")
+        x, weight, bias, [padding, padding], [1, 1], [1, 1], 1, "leaky_relu", [activation.weight.item()], "")
+
+
+def _composes(x: Tensor) -> bool:
+    """True where `_two_convolutions` runs two convolutions as one: eager inference on the
+    CPU, where it was measured (not on GPUs, where it would add a dozen small launches)."""
+    return _eager_inference() and x.device.type == "cpu"
+
+
+def _two_convolutions(first: nn.Conv2d, second: nn.Conv2d, x: Tensor, activation: nn.PReLU | None = None) -> Tensor:
+    """`activation(second(first(x)))` for two stride-1 "same" convolutions of one odd size, as one.
+
+    Two convolutions with nothing between them are one convolution whose kernel is theirs
+    convolved (5x5 from two 3x3). Where one side is the image's 3 channels that takes far
+    fewer multiply-adds: the shallow features' first 96-channel convolution becomes a 5x5
+    one on the image (7,200 instead of 82,944 per pixel for deblur), and stage 3's closing
+    convolution folds into the tail. The composed kernel is exact except on the outer ring
+    of pixels, where the second convolution zero-pads the first one's output but the
+    composed kernel sees the first applied to the image's zero padding; that ring is taken
+    the two-step way from strips of the input. Sides under three times the padding are
+    left to the two-step way entirely.
+    """
+    pad = first.padding[0]
+    if min(x.shape[-2:]) < 3 * pad:
+        return _convolve(first(x), second.weight, second.bias, pad, activation)
+    weight, bias = _composed_kernel(first, second)
+    out = _convolve(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), 2 * pad, activation)
+
+    def two_step(strip: Tensor) -> Tensor:
+        return _convolve(first(strip), second.weight, second.bias, pad, activation)
+
+    strip = 3 * pad
+    out[..., :pad, :] = two_step(x[..., :strip, :])[..., :pad, :]
+    out[..., -pad:, :] = two_step(x[..., -strip:, :])[..., -pad:, :]
+    out[..., :, :pad] = two_step(x[..., :, :strip])[..., :, :pad]
+    out[..., :, -pad:] = two_step(x[..., :, -strip:])[..., :, -pad:]
+    return out
+
+
+def _composed_kernel(first: nn.Conv2d, second: nn.Conv2d) -> tuple[Tensor, Tensor | None]:
+    """Weight and bias of `second` after `first` as one convolution, taken exactly
+    (`_exact`): the kernels convolved, and `first`'s bias carried through `second`'s
+    weights."""
+    inner, outer = _exact(first.weight), _exact(second.weight)
+    weight = F.conv_transpose2d(inner.transpose(0, 1), outer.transpose(0, 1)).transpose(0, 1)
+    bias = None if second.bias is None else _exact(second.bias)
+    if first.bias is not None:
+        carried = outer.sum(dim=(2, 3)) @ _exact(first.bias)
+        bias = carried if bias is None else bias + carried
+    return weight, bias
+
+
+def _exact(weight: Tensor) -> Tensor:
+    """`weight` in float64 for products of weights, which CUDA never runs in TF32, whatever
+    the caller allowed for fp32 matrix products (on an H100, `torch.backends.fp32_precision
+    = "tf32"` moved the fp32 parity fixture by 7e-5); in float32 on Apple's MPS, which has
+    no float64 and no TF32."""
+    return weight.to(torch.float32 if weight.device.type == "mps" else torch.float64)
 
 
 def _onednn_computes(x: Tensor) -> bool:
@@ -139,8 +203,12 @@ class ChannelAttentionBlock(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        first, activation, second = self.body
-        features = second(_conv_prelu(first, activation, x))
+        first, activation, _ = self.body
+        return self.finish(x, _conv_prelu(first, activation, x))
+
+    def finish(self, x: Tensor, hidden: Tensor) -> Tensor:
+        """The block's output from `hidden`, its first convolution and PReLU already applied."""
+        features = self.body[2](hidden)
         return _gate_and_add(features, self.CA(features), x)
 
 
@@ -285,14 +353,24 @@ class OriginalResolutionSubnet(nn.Module):
         for name in ("conv_enc1", "conv_enc2", "conv_enc3", "conv_dec1", "conv_dec2", "conv_dec3"):
             setattr(self, name, nn.Conv2d(n_feat, width, 1, bias=config.bias))
 
-    def forward(self, x: Tensor, encoded: list[Tensor | None], decoded: list[Tensor | None]) -> Tensor:
-        """Empties `encoded` and `decoded` level by level as it goes: each level's U-Net
+    def forward(self, x: Tensor, encoded: list[Tensor | None], decoded: list[Tensor | None], tail: nn.Conv2d) -> Tensor:
+        """`tail` applied to stage 3's output.
+
+        Empties `encoded` and `decoded` level by level as it goes: each level's U-Net
         features are folded into one skip tensor and released before the next block runs,
-        which lowers the forward's peak memory."""
-        for level, block in enumerate((self.orb1, self.orb2, self.orb3)):
+        which lowers the forward's peak memory. Where `_composes`, the last block's closing
+        convolution and `tail` run as one (`_two_convolutions`); the block's residual and
+        skip then go through `tail` on their own, as `tail` is linear."""
+        *blocks, last = (self.orb1, self.orb2, self.orb3)
+        for level, block in enumerate(blocks):
             skip = self._skip(level, encoded, decoded)
             x = _grow(block(x), skip)
-        return x
+        skip = self._skip(len(blocks), encoded, decoded)
+        if not _composes(x):
+            return tail(_grow(last(x), skip))
+        features = last.body[:-1](x)
+        through = F.conv2d(_grow(x, skip), tail.weight, None, padding=tail.padding)
+        return _grow(_two_convolutions(last.body[-1], tail, features), through)
 
     def _skip(self, level: int, encoded: list[Tensor | None], decoded: list[Tensor | None]) -> Tensor:
         """conv_enc(up_enc(enc)) + conv_dec(up_dec(dec)), as one 1x1 convolution per path at
@@ -309,24 +387,32 @@ class OriginalResolutionSubnet(nn.Module):
     def _folded(self, path: str, level: int) -> tuple[Tensor, Tensor | None]:
         """Weight and bias of `conv_<path><level+1>` after the 1x1 convolutions of
         `up_<path><level>`, multiplied into one 1x1 convolution, then cast. The product is
-        taken in float64, which CUDA never runs in TF32, whatever the caller allowed for fp32
-        matrix products (on an H100, `torch.backends.fp32_precision = "tf32"` moved the fp32
-        parity fixture by 7e-5); in float32 on Apple's MPS, which has no float64 and no TF32."""
+        taken exactly (`_exact`)."""
         last = getattr(self, f"conv_{path}{level + 1}")
-        exact = torch.float32 if last.weight.device.type == "mps" else torch.float64
-        weight = last.weight.flatten(1).to(exact)
+        weight = _exact(last.weight.flatten(1))
         if level:
             upsamples = getattr(self, f"up_{path}{level}")
             for upsample in reversed(upsamples if isinstance(upsamples, nn.Sequential) else [upsamples]):
-                weight = weight @ upsample.up[1].weight.flatten(1).to(exact)
+                weight = weight @ _exact(upsample.up[1].weight.flatten(1))
         return weight.to(last.weight.dtype)[..., None, None], last.bias
 
 
-def _shallow_features(config: MPRNetConfig) -> nn.Sequential:
-    return nn.Sequential(
-        _conv(config.in_c, config.n_feat, config.kernel_size, config.bias),
-        ChannelAttentionBlock(config.n_feat, config),
-    )
+class ShallowFeatures(nn.Sequential):
+    """A convolution from the image's channels, then an attention block."""
+
+    def __init__(self, config: MPRNetConfig) -> None:
+        super().__init__(
+            _conv(config.in_c, config.n_feat, config.kernel_size, config.bias),
+            ChannelAttentionBlock(config.n_feat, config),
+        )
+
+    def forward(self, image: Tensor) -> Tensor:
+        conv, block = self
+        features = conv(image)
+        if not _composes(image):
+            return block(features)
+        first, activation, _ = block.body
+        return block.finish(features, _two_convolutions(conv, first, image, activation))
 
 
 class MPRNet(nn.Module):
@@ -336,9 +422,9 @@ class MPRNet(nn.Module):
     def __init__(self, config: MPRNetConfig) -> None:
         super().__init__()
         self.config = config
-        self.shallow_feat1 = _shallow_features(config)
-        self.shallow_feat2 = _shallow_features(config)
-        self.shallow_feat3 = _shallow_features(config)
+        self.shallow_feat1 = ShallowFeatures(config)
+        self.shallow_feat2 = ShallowFeatures(config)
+        self.shallow_feat3 = ShallowFeatures(config)
         self.stage1_encoder = Encoder(config, fuse_previous=False)
         self.stage1_decoder = Decoder(config)
         self.stage2_encoder = Encoder(config, fuse_previous=True)
@@ -374,5 +460,5 @@ class MPRNet(nn.Module):
         # Stage 3: full resolution.
         x3 = self.concat23(torch.cat([self.shallow_feat3(image), gated2], dim=1))
         del gated2
-        x3 = self.stage3_orsnet(x3, encoded2, decoded2)  # releases encoded2 and decoded2 as it goes
-        return _grow(self.tail(x3), image), stage2_image, _join(stage1_halves, dim=2)
+        restored = self.stage3_orsnet(x3, encoded2, decoded2, self.tail)  # releases encoded2 and decoded2 as it goes
+        return _grow(restored, image), stage2_image, _join(stage1_halves, dim=2)
