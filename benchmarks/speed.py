@@ -35,8 +35,8 @@ reference). *compiled* adds CUDA graphs there.
 Seeded random weights: speed does not depend on their values. GFLOP/s counts the
 published network's FLOPs for the image itself (torch's FLOP counter, 2 per multiply-add),
 for every variant alike: not the extra work of tile overlaps, so tiling overhead shows as
-a lower rate, nor the 0.9% that our forward saves by folding 1x1 convolutions, so that
-saving shows as a higher one.
+a lower rate, nor the 4% fewer that our forward does (1x1 convolutions folded, pairs of
+convolutions run as one), so that saving shows as a higher one.
 
     python benchmarks/speed.py                                   # derain and deblur, 256 and 512
     python benchmarks/speed.py --tasks derain --sizes 1920x1080 --variants default fp32
