@@ -59,7 +59,8 @@ try:
 except FirstTile as stop:
     tiles = stop.args[0]
 print(json.dumps({"imported": imported - launched, "loaded": loaded - launched, "decoded": decoded - launched,
-                  "tiles_started": started - launched, "first_tile_done": time.time() - launched,
+                  "tiles_started": None if started is None else started - launched,  # None: not tiled
+                  "first_tile_done": time.time() - launched,
                   "tiles": tiles}))
 """
 
@@ -96,7 +97,8 @@ def main() -> None:
     print(f"mprnet {arguments.task} on 1920x1080 ({runs[0]['tiles']} tiles), seconds from launch, median of "
           f"{arguments.runs} runs:")
     for step in ("imported", "loaded", "decoded", "tiles_started", "first_tile_done"):
-        print(f"  {step:<15} {statistics.median(run[step] for run in runs):6.2f} s")
+        times = [run[step] for run in runs if run[step] is not None]
+        print(f"  {step:<15} {statistics.median(times):6.2f} s" if times else f"  {step:<15}      - (one forward, not tiled)")
 
 
 if __name__ == "__main__":

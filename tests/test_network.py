@@ -207,8 +207,11 @@ def test_sides_too_short_for_a_ring_are_convolved_in_turn() -> None:
         torch.testing.assert_close(got, second(first(image)), atol=1e-6, rtol=0)
 
 
-def test_shallow_features_and_the_tail_are_composed_only_in_eager_cpu_inference() -> None:
-    model = MPRNet(MPRNetConfig(n_feat=8, scale_unetfeats=4, scale_orsnetfeats=4, num_cab=1)).eval()
+def test_shallow_features_and_the_tail_are_composed_in_cpu_inference_only() -> None:
+    """Not under `no_grad` (training code, the published recipe) nor on other devices
+    (here "meta", which runs the shapes only)."""
+    config = MPRNetConfig(n_feat=8, scale_unetfeats=4, scale_orsnetfeats=4, num_cab=1)
+    model = MPRNet(config).eval()
     image = torch.rand(1, 3, 16, 24)
     with mock.patch.object(network, "_two_convolutions", wraps=_two_convolutions) as composed:
         with torch.inference_mode():
@@ -216,4 +219,25 @@ def test_shallow_features_and_the_tail_are_composed_only_in_eager_cpu_inference(
         assert composed.call_count == 4  # three stages' shallow features, and stage 3's closing convolution with the tail
         with torch.no_grad():
             model(image)
+        with torch.device("meta"), torch.inference_mode():
+            MPRNet(config).eval()(torch.rand(1, 3, 16, 24))
         assert composed.call_count == 4
+
+
+@pytest.mark.parametrize("config", [
+    MPRNetConfig(n_feat=8, scale_unetfeats=4, scale_orsnetfeats=4, num_cab=0),
+    MPRNetConfig(n_feat=8, scale_unetfeats=4, scale_orsnetfeats=4, num_cab=1, kernel_size=1),
+    MPRNetConfig(n_feat=8, scale_unetfeats=4, scale_orsnetfeats=4, num_cab=1, kernel_size=5, bias=True),
+], ids=["no-attention-blocks", "kernel-1", "kernel-5-bias"])
+def test_composed_inference_equals_the_plain_path_for_unusual_checkpoints(config: MPRNetConfig) -> None:
+    """Shapes any checkpoint may have: an ORB with no attention blocks (its closing
+    convolution then reads the block's input, which the residual sum must not change
+    first) and 1x1 kernels (nothing padded, so no ring)."""
+    torch.manual_seed(0)
+    model = MPRNet(config).eval()
+    image = torch.rand(2, 3, 8, 24)
+    with torch.inference_mode():
+        composed = model(image)[0]
+    with torch.no_grad():
+        plain = model(image)[0]
+    torch.testing.assert_close(composed, plain, atol=5e-6, rtol=0)

@@ -108,10 +108,11 @@ def _two_convolutions(first: nn.Conv2d, second: nn.Conv2d, x: Tensor, activation
         return _convolve(first(strip), second.weight, second.bias, pad, activation)
 
     strip = 3 * pad
-    out[..., :pad, :] = two_step(x[..., :strip, :])[..., :pad, :]
-    out[..., -pad:, :] = two_step(x[..., -strip:, :])[..., -pad:, :]
-    out[..., :, :pad] = two_step(x[..., :, :strip])[..., :, :pad]
-    out[..., :, -pad:] = two_step(x[..., :, -strip:])[..., :, -pad:]
+    if pad:  # 1x1 kernels pad nothing: no ring
+        out[..., :pad, :] = two_step(x[..., :strip, :])[..., :pad, :]
+        out[..., -pad:, :] = two_step(x[..., -strip:, :])[..., -pad:, :]
+        out[..., :, :pad] = two_step(x[..., :, :strip])[..., :, :pad]
+        out[..., :, -pad:] = two_step(x[..., :, -strip:])[..., :, -pad:]
     return out
 
 
@@ -368,9 +369,10 @@ class OriginalResolutionSubnet(nn.Module):
         skip = self._skip(len(blocks), encoded, decoded)
         if not _composes(x):
             return tail(_grow(last(x), skip))
-        features = last.body[:-1](x)
-        through = F.conv2d(_grow(x, skip), tail.weight, None, padding=tail.padding)
-        return _grow(_two_convolutions(last.body[-1], tail, features), through)
+        features = last.body[:-1](x)  # `x` itself when the block has no attention blocks
+        restored = _two_convolutions(last.body[-1], tail, features)
+        del features
+        return _grow(restored, F.conv2d(_grow(x, skip), tail.weight, None, padding=tail.padding))
 
     def _skip(self, level: int, encoded: list[Tensor | None], decoded: list[Tensor | None]) -> Tensor:
         """conv_enc(up_enc(enc)) + conv_dec(up_dec(dec)), as one 1x1 convolution per path at
