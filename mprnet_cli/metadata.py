@@ -210,7 +210,7 @@ def add_png_metadata(png: bytes, picture: Picture, where: str) -> bytes:
             chunks += _png_chunk(kind, body)
     dpi = _resolution_for("PNG", picture.dpi, where)
     if dpi:
-        per_metre = (round(dots / 0.0254) for dots in dpi)
+        per_metre = (round(dots * _RESOLUTION_RANGES["PNG"][0]) for dots in dpi)
         chunks += _png_chunk(b"pHYs", struct.pack(">IIB", *per_metre, 1))
     if picture.exif:
         chunks += _png_chunk(b"eXIf", picture.exif.removeprefix(b"Exif\0\0"))

@@ -336,6 +336,18 @@ class OriginalResolutionBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return _grow(self.body(x), x)
 
+    def then(self, tail: nn.Conv2d, x: Tensor, skip: Tensor) -> Tensor:
+        """`tail(self(x) + skip)`, consuming `x` and `skip`. Where `_composes`, the closing
+        convolution and `tail` run as one (`_two_convolutions`); the residual and skip then
+        go through `tail` on their own, as `tail` is linear."""
+        if not _composes(x):
+            return tail(_grow(self(x), skip))
+        *_, closing = self.body
+        features = self.body[:-1](x)  # `x` itself when the block has no attention blocks
+        restored = _two_convolutions(closing, tail, features)
+        del features
+        return _grow(restored, F.conv2d(_grow(x, skip), tail.weight, None, padding=tail.padding))
+
 
 class OriginalResolutionSubnet(nn.Module):
     """Stage 3: full-resolution blocks that take in the stage-2 U-Net features (ORSNet)."""
@@ -359,20 +371,13 @@ class OriginalResolutionSubnet(nn.Module):
 
         Empties `encoded` and `decoded` level by level as it goes: each level's U-Net
         features are folded into one skip tensor and released before the next block runs,
-        which lowers the forward's peak memory. Where `_composes`, the last block's closing
-        convolution and `tail` run as one (`_two_convolutions`); the block's residual and
-        skip then go through `tail` on their own, as `tail` is linear."""
+        which lowers the forward's peak memory. The last block goes on into `tail`
+        (`OriginalResolutionBlock.then`)."""
         *blocks, last = (self.orb1, self.orb2, self.orb3)
         for level, block in enumerate(blocks):
             skip = self._skip(level, encoded, decoded)
             x = _grow(block(x), skip)
-        skip = self._skip(len(blocks), encoded, decoded)
-        if not _composes(x):
-            return tail(_grow(last(x), skip))
-        features = last.body[:-1](x)  # `x` itself when the block has no attention blocks
-        restored = _two_convolutions(last.body[-1], tail, features)
-        del features
-        return _grow(restored, F.conv2d(_grow(x, skip), tail.weight, None, padding=tail.padding))
+        return last.then(tail, x, self._skip(len(blocks), encoded, decoded))
 
     def _skip(self, level: int, encoded: list[Tensor | None], decoded: list[Tensor | None]) -> Tensor:
         """conv_enc(up_enc(enc)) + conv_dec(up_dec(dec)), as one 1x1 convolution per path at
