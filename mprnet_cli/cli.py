@@ -193,12 +193,17 @@ class _StderrFormatter(logging.Formatter):
 
 
 def _configure_logging(quiet: bool) -> None:
+    from mprnet_cli import library_messages
+
+    warnings.showwarning = _show_warning
+    # What decoders print or warn becomes one line per file, naming it. This moves our own
+    # stderr off descriptor 2 first, so the handler below must be made after it.
+    library_messages.install()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_StderrFormatter())
     logger.handlers[:] = [handler]
     logger.setLevel(logging.ERROR if quiet else logging.DEBUG if _debugging() else logging.INFO)
     logger.propagate = False
-    warnings.showwarning = _show_warning
     # The hub client logs every retry of an unreachable server; our one error line says it
     # all. It reads this when first imported (later, lazily); a user's own setting wins.
     os.environ.setdefault("HF_HUB_VERBOSITY", "error")
@@ -319,6 +324,13 @@ def _report_skipped(skipped: list[tuple[str, str]]) -> None:
         logger.info("skipped %d hidden file(s)", hidden)
 
 
+def _report_renamed(renamed: list[Job]) -> None:
+    if renamed:
+        example = renamed[0]
+        logger.warning("%d output name(s) keep their input's extension, since another input would get the same "
+                       "name (%s -> %s)", len(renamed), example.source, example.target)
+
+
 def _make_task_command(task: str):  # noqa: ANN202 - Typer reads the signature of the returned function
     def command(
         inputs: Inputs,
@@ -352,6 +364,7 @@ def _make_task_command(task: str):  # noqa: ANN202 - Typer reads the signature o
             plan = pipeline.plan_jobs(inputs, naming)
             _check_terminals(plan.jobs)
             _report_skipped(plan.skipped)
+            _report_renamed(plan.renamed)
             if not plan.jobs:
                 logger.info("nothing to do: every output exists (use --overwrite to redo them)")
                 return

@@ -14,22 +14,28 @@ import io
 import logging
 import os
 import secrets
+import re
 import stat
 import struct
+import sys
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-from mprnet_cli import metadata
+from mprnet_cli import library_messages, metadata
 from mprnet_cli.errors import InputError, OutputError
-from mprnet_cli.pixels import UnsupportedMode, pil_pixels
+from mprnet_cli.pixels import UnsupportedMode, pil_pixels, with_colour_key
 
 logger = logging.getLogger("mprnet")
 
-# We enforce our own pixel limit (read_image's max_pixels) with a clear message.
+# Pillow's decompression-bomb guard is set to the caller's limit on each decode
+# (`limit_decoders`); without a limit there is none. Its warning, for sizes up to half the
+# guard's, says nothing: our own check refuses what is over the limit, with the file's name.
 Image.MAX_IMAGE_PIXELS = None
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 # Pillow's guard on decompressed PNG text chunks (1 MB) also refuses the larger ICC profiles
 # that some printers' and scanners' are; 64 MB still stops a decompression bomb.
 PngImagePlugin.MAX_TEXT_CHUNK = 64 * 1024 * 1024
@@ -72,10 +78,52 @@ def read_image(path: Path, max_pixels: int | None = None) -> Picture:
     return decode_image(data, str(path), max_pixels)
 
 
+def readable_extensions() -> set[str]:
+    """The file extensions of every format Pillow reads here."""
+    Image.init()
+    return {extension.lower() for extension in Image.registered_extensions()}
+
+
+def opens_as_an_image(path: Path) -> bool:
+    """Whether a file's header is one Pillow reads (only the header is read)."""
+    with library_messages.collect(str(path)):
+        try:
+            with Image.open(path):
+                return True
+        except Image.DecompressionBombError:  # an image, refused when it is read
+            return True
+        except (OSError, ValueError, SyntaxError, struct.error):
+            return False
+
+
+def limit_decoders(max_pixels: int | None) -> None:
+    """Set every decoder's own guard to `max_pixels`, so that a file declaring more is
+    refused by its declared size, before anything is allocated.
+
+    Our check reads the size Pillow reports once a file is open, but that is not what
+    every decoder allocates: an icon's entries, a GIF's frames and a TIFF's tiles declare
+    sizes of their own. Pillow checks each of those against MAX_IMAGE_PIXELS and refuses
+    above twice that value. OpenCV reads its limit from the environment once, as it loads,
+    so it is set before its first import (16-bit colour goes through it).
+    """
+    Image.MAX_IMAGE_PIXELS = None if max_pixels is None else -(-max_pixels // 2)
+    if max_pixels is not None and "cv2" not in sys.modules:
+        os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(max_pixels)
+
+
 def decode_image(data: bytes, label: str, max_pixels: int | None = None) -> Picture:
-    """Decode image bytes (`label` names the source in messages: a path, or `-` for stdin)."""
+    """Decode image bytes (`label` names the source in messages: a path, or `-` for stdin).
+
+    What the libraries print or warn while decoding becomes one warning naming `label`
+    (see `mprnet_cli.library_messages`)."""
     if not data:
         raise InputError(f"{label}: empty file, not an image")
+    limit_decoders(max_pixels)
+    with library_messages.collect(label):
+        return _decode(data, label, max_pixels)
+
+
+def _decode(data: bytes, label: str, max_pixels: int | None) -> Picture:
     try:
         image = Image.open(io.BytesIO(data))
         if max_pixels is not None and image.width * image.height > max_pixels:
@@ -86,7 +134,7 @@ def decode_image(data: bytes, label: str, max_pixels: int | None = None) -> Pict
         image.load()
         _warn_of_other_frames(data, label)
         orientation = metadata.orientation(image, label)  # None: the EXIF cannot be read
-        icc_profile = image.info.get("icc_profile") or None
+        icc_profile = _valid_icc_profile(image.info.get("icc_profile"), label)
         dpi = metadata.declared_dpi(image.info.get("dpi"), orientation or 1)
         png_colour = metadata.png_colour_chunks(image.info) if image.format == "PNG" else ()
         sixteen_bit_color = _is_sixteen_bit_color(image, data)
@@ -107,10 +155,18 @@ def decode_image(data: bytes, label: str, max_pixels: int | None = None) -> Pict
             image, icc_profile = image.convert("RGB"), None
         if sixteen_bit_color:
             pixels = _decode_sixteen_bit(data, orientation or 1)
+            key = image.info.get("transparency")  # OpenCV leaves a colour key unresolved
+            if pixels.shape[2] == 3 and isinstance(key, tuple):
+                pixels = with_colour_key(pixels, key)
         else:
             pixels = np.ascontiguousarray(_orient(pil_pixels(image), turn_pixels))
     except UnsupportedMode as error:
         raise InputError(f"{label}: {error}") from None
+    except Image.DecompressionBombError as error:
+        raise InputError(f"{label}: {_declared_pixels(error)}, over the {max_pixels or 0:,}-pixel limit "
+                         "(raise it with --max-pixels)") from None
+    except MemoryError:
+        raise InputError(f"{label}: not enough memory to decode it") from None
     except UnidentifiedImageError:
         if data.startswith(_IMAGE_SIGNATURES):
             raise InputError(f"{label}: truncated or corrupt image (its header is unreadable)") from None
@@ -118,6 +174,23 @@ def decode_image(data: bytes, label: str, max_pixels: int | None = None) -> Pict
     except (OSError, SyntaxError, ValueError, struct.error) as error:
         raise InputError(f"{label}: truncated or corrupt image ({error})") from None
     return Picture(pixels=pixels, icc_profile=icc_profile, exif=exif, xmp=xmp, dpi=dpi, png_colour=png_colour)
+
+
+def _valid_icc_profile(profile: bytes | None, label: str) -> bytes | None:
+    """A profile that is not one (its header's `acsp` signature missing) would be copied
+    into the output, where colour-managed viewers reject it or the whole image."""
+    if not profile:
+        return None
+    if len(profile) < 128 or profile[36:40] != b"acsp":
+        logger.warning("%s: its ICC colour profile is damaged; it is left out", label)
+        return None
+    return profile
+
+
+def _declared_pixels(error: Image.DecompressionBombError) -> str:
+    """Pillow's message holds the pixel count a part of the file declared."""
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    return f"declares an image of {int(found.group(1)):,} pixels" if found else "declares an image of too many pixels"
 
 
 def _warn_of_other_frames(data: bytes, label: str) -> None:
@@ -153,6 +226,8 @@ def _decode_sixteen_bit(data: bytes, orientation: int) -> np.ndarray:
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # libtiff's warnings, e.g. on
     try:  # an undeclared fourth channel, are not the user's business
         pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error as error:  # its own size guard, or a damaged file
+        raise ValueError(f"OpenCV could not decode the 16-bit pixels: {error.err or error}") from None
     finally:
         cv2.utils.logging.setLogLevel(quiet)
     if pixels is None or pixels.dtype != np.uint16:
@@ -193,12 +268,14 @@ def encode_image(picture: Picture, fmt: str, quality: int = 95, label: str = "")
     warnings (in a batch, they come from the writer while other images are being read)."""
     where = f"{label}: " if label else ""
     pixels = picture.pixels
-    if fmt in ("JPEG", "BMP") and _has_alpha(pixels):
+    if fmt == "JPEG" and _has_alpha(pixels):
         logger.warning("%s%s cannot store transparency; the alpha channel is dropped", where, fmt)
         pixels = pixels[..., :-1] if pixels.shape[-1] == 4 else pixels[..., 0]
     if pixels.dtype == np.uint16 and fmt not in _SIXTEEN_BIT_FORMATS:
         logger.warning("%s%s cannot store 16 bits per channel; writing 8 bits", where, fmt)
         pixels = np.round(pixels / 257.0).astype(np.uint8)
+    if fmt == "BMP" and _has_alpha(pixels):
+        return _bmp_with_alpha(pixels, metadata.pillow_options(picture, fmt, where).get("dpi"))
     if fmt in ("PNG", "TIFF"):  # bare pixels, then the metadata in the format's own containers
         if pixels.dtype == np.uint16 and pixels.ndim == 3:
             bare = _sixteen_bit_color_bytes(pixels, fmt)
@@ -219,17 +296,44 @@ def _pil_bytes(pixels: np.ndarray, fmt: str, **options: object) -> bytes:
     return buffer.getvalue()
 
 
+def _bmp_with_alpha(pixels: np.ndarray, dpi: tuple[float, float] | None) -> bytes:
+    """A 32-bit BMP whose BITMAPV5 header declares the fourth byte alpha. Pillow writes RGBA
+    as a plain 32-bit BMP, whose fourth byte readers (Pillow among them) ignore."""
+    if pixels.shape[2] == 2:
+        gray, alpha = pixels[..., 0], pixels[..., 1]
+        pixels = np.dstack([gray, gray, gray, alpha])
+    height, width = pixels.shape[:2]
+    bgra = np.ascontiguousarray(pixels[::-1, :, [2, 1, 0, 3]]).tobytes()  # rows bottom-up
+    per_metre = [round(dots / 0.0254) for dots in dpi] if dpi else [0, 0]
+    header = struct.pack(
+        "<IiiHHIIiiII4I4s36s3I4I",
+        124, width, height, 1, 32, 3, len(bgra), *per_metre, 0, 0,  # 3: BI_BITFIELDS
+        0x00FF0000, 0x0000FF00, 0x000000FF, 0xFF000000,  # red, green, blue and alpha masks
+        b"BGRs", b"", 0, 0, 0, 4, 0, 0, 0,  # sRGB, no end points or gamma; intent: images
+    )
+    offset = 14 + len(header)
+    return b"BM" + struct.pack("<IHHI", offset + len(bgra), 0, 0, offset) + header + bgra
+
+
 def _has_alpha(pixels: np.ndarray) -> bool:
     return pixels.ndim == 3 and pixels.shape[2] in (2, 4)
 
 
 def _sixteen_bit_color_bytes(pixels: np.ndarray, fmt: str) -> bytes:
+    """16-bit RGB, RGBA, or gray with alpha (as RGBA: Pillow writes no 16-bit gray with
+    alpha, and OpenCV no two-channel image)."""
     import cv2
 
+    if pixels.shape[2] == 2:
+        gray, alpha = pixels[..., 0], pixels[..., 1]
+        pixels = np.dstack([gray, gray, gray, alpha])
     order = cv2.COLOR_RGBA2BGRA if pixels.shape[2] == 4 else cv2.COLOR_RGB2BGR
-    ok, encoded = cv2.imencode(".png" if fmt == "PNG" else ".tiff", cv2.cvtColor(pixels, order))
+    try:
+        ok, encoded = cv2.imencode(".png" if fmt == "PNG" else ".tiff", cv2.cvtColor(pixels, order))
+    except cv2.error as error:
+        raise ValueError(f"OpenCV could not encode a 16-bit {fmt}: {error.err or error}") from None
     if not ok:
-        raise OutputError(f"OpenCV could not encode a 16-bit {fmt}")
+        raise ValueError(f"OpenCV could not encode a 16-bit {fmt}")
     return encoded.tobytes()
 
 

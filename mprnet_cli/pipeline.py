@@ -19,15 +19,15 @@ import sys
 import tempfile
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
-
 from mprnet_cli.devices import resolve_device, resolve_precision
 from mprnet_cli.errors import InputError, MprnetError, OutputError
-from mprnet_cli.imageio import FORMATS, Picture, decode_image, encode_image, format_for, read_image, write_atomic
+from mprnet_cli.imageio import (FORMATS, Picture, decode_image, encode_image, format_for, opens_as_an_image, read_image,
+                                readable_extensions, write_atomic)
 from mprnet_cli.model.restorer import Progress, Restorer
 from mprnet_cli.tiling import DEFAULT_BLEND, DEFAULT_OVERLAP
 from mprnet_cli.weights import resolve_checkpoint
@@ -63,6 +63,9 @@ class Plan:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     #: A directory, a glob or several inputs: its failures are the batch's exit code 1.
     batch: bool = False
+    #: Jobs of a folder or glob whose output name another input would also have had: these
+    #: keep their source extension in it (`a.jp2` -> `a.jp2.png` beside `a.j2k.png`).
+    renamed: list[Job] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -91,21 +94,10 @@ class OutputNaming:
     recursive: bool = False
 
 
-def _image_extensions() -> set[str]:
-    Image.init()
-    return {ext.lower() for ext in Image.registered_extensions()}
-
-
 def _looks_like_an_image(path: Path, image_extensions: set[str]) -> bool:
     """Known image extensions are taken on trust (a broken one fails visibly later);
     anything else is sniffed, so an image is known by its content."""
-    if path.suffix.lower() in image_extensions:
-        return True
-    try:
-        with Image.open(path):
-            return True
-    except (OSError, ValueError, SyntaxError):
-        return False
+    return path.suffix.lower() in image_extensions or opens_as_an_image(path)
 
 
 def _is_hidden(relative: Path) -> bool:
@@ -180,7 +172,7 @@ def _plan(inputs: list[str], naming: OutputNaming) -> Plan:
             _check_writable(Path(target).parent, set())
         return Plan([Job(STDIO, target)])
 
-    sources, skipped, batch = _collect_sources(inputs, naming.recursive)
+    sources, named, skipped, batch = _collect_sources(inputs, naming.recursive)
     if not sources:
         raise InputError("no images found in " + ", ".join(inputs) + (" (hidden and non-image files are skipped)" if skipped else ""))
     directory = _output_directory(naming.output, batch)
@@ -188,11 +180,14 @@ def _plan(inputs: list[str], naming: OutputNaming) -> Plan:
         raise OutputError("-o - writes one image to standard output; give one input, or an output directory")
 
     targets = [_target_for(source, relative, directory, naming) for source, relative in sources]
+    renamed = _keep_source_extensions(sources, named, targets, directory, naming)
     resolved_targets = [None if target == STDIO else Path(target).resolve() for target in targets]
     # A folder restored before holds its outputs beside their inputs: those are results, not inputs.
     produced_by = {resolved: source for (source, _), resolved in zip(sources, resolved_targets) if resolved}
-    jobs, seen, writable = [], {}, set()
-    for (source, _), target, resolved in zip(sources, targets, resolved_targets):
+    jobs, renamed_jobs, seen, writable = [], [], {}, set()
+    for index, ((source, _), target, resolved) in enumerate(zip(sources, targets, resolved_targets)):
+        if index in renamed:
+            renamed_jobs.append(Job(str(source), target))
         resolved_source = source.resolve()
         maker = produced_by.get(resolved_source)
         if maker is not None and maker != source:
@@ -212,7 +207,32 @@ def _plan(inputs: list[str], naming: OutputNaming) -> Plan:
                 continue
             _check_writable(Path(target).parent, writable)
         jobs.append(Job(str(source), target))
-    return Plan(jobs, skipped, batch)
+    return Plan(jobs, skipped, batch, renamed_jobs)
+
+
+def _keep_source_extensions(sources: list[tuple[Path, Path]], named: set[Path], targets: list[str],
+                            directory: Path | None, naming: OutputNaming) -> set[int]:
+    """Rename, in `targets`, the outputs that found files would share (`a.jp2` and `a.j2k`
+    both to `a.png`): each keeps its source extension (`a.jp2.png`), except one whose
+    format is kept anyway (`a.png` beside `a.jp2.png`). A whole folder is not refused for
+    one clash, and the same inputs always get the same names, so a rerun skips them. Files
+    named on the command line keep their names: a clash of those is refused later.
+    Returns the indices renamed."""
+    groups: dict[Path, list[int]] = defaultdict(list)
+    for index, target in enumerate(targets):
+        if target != STDIO:
+            groups[Path(target).resolve()].append(index)
+    renamed = set()
+    for indices in groups.values():
+        if len(indices) < 2:
+            continue
+        kept = [i for i in indices if sources[i][0].suffix.lower() == Path(targets[i]).suffix.lower()]
+        for index in indices:
+            source, relative = sources[index]
+            if source not in named and kept != [index]:
+                targets[index] = _target_for(source, relative, directory, naming, keep_extension=True)
+                renamed.add(index)
+    return renamed
 
 
 def _check_writable(directory: Path, checked: set[Path]) -> None:
@@ -235,13 +255,17 @@ def _check_writable(directory: Path, checked: set[Path]) -> None:
     os.unlink(probe)
 
 
-def _collect_sources(inputs: list[str], recursive: bool) -> tuple[list[tuple[Path, Path]], list[tuple[str, str]], bool]:
-    """All image files named by `inputs`, with their relative paths; plus what was skipped,
-    and whether this is a batch (a directory, a glob or several inputs)."""
-    image_extensions = _image_extensions()
+def _collect_sources(
+    inputs: list[str], recursive: bool,
+) -> tuple[list[tuple[Path, Path]], set[Path], list[tuple[str, str]], bool]:
+    """All image files named by `inputs`, with their relative paths; those of them named
+    on the command line; what was skipped; and whether this is a batch (a directory, a
+    glob or several inputs)."""
+    image_extensions = readable_extensions()
     sources: list[tuple[Path, Path]] = []
     skipped: list[tuple[str, str]] = []
-    named: set[Path] = set()
+    named: set[Path] = set()  # resolved, to find a file named twice
+    named_paths: set[Path] = set()
     batch = len(inputs) > 1
     for argument in inputs:
         expanded = _expand(argument, recursive)
@@ -254,6 +278,7 @@ def _collect_sources(inputs: list[str], recursive: bool) -> tuple[list[tuple[Pat
                 skipped.append((str(path), "named more than once"))
             else:
                 named.add(resolved)
+                named_paths.add(path)
                 sources.append((path, Path(path.name)))
             continue
         batch = True
@@ -268,7 +293,7 @@ def _collect_sources(inputs: list[str], recursive: bool) -> tuple[list[tuple[Pat
                 skipped.append((str(path), "not an image"))
             else:
                 sources.append((path, relative))
-    return sources, skipped, batch
+    return sources, named_paths, skipped, batch
 
 
 def _output_directory(output: str | None, batch: bool) -> Path | None:
@@ -286,13 +311,14 @@ def _output_directory(output: str | None, batch: bool) -> Path | None:
     return None
 
 
-def _target_for(source: Path, relative: Path, directory: Path | None, naming: OutputNaming) -> str:
+def _target_for(source: Path, relative: Path, directory: Path | None, naming: OutputNaming,
+                keep_extension: bool = False) -> str:
     if naming.output == STDIO:
         return STDIO
     if directory is None and naming.output is not None:
         return _named_output(naming)
     suffix = naming.suffix if naming.suffix is not None else ("" if directory else TASK_SUFFIXES[naming.task])
-    name = f"{source.stem}{suffix}{_extension_for(source, naming)}"
+    name = f"{source.name if keep_extension else source.stem}{suffix}{_extension_for(source, naming)}"
     if directory is None:
         return str(source.with_name(name))
     return str(directory / relative.parent / name)

@@ -90,15 +90,26 @@ def test_rerun_skips_what_exists_and_overwrite_redoes_it(tmp_path: Path) -> None
     assert nothing.stderr.splitlines()[-1] == "nothing to do: every output exists (use --overwrite to redo them)"
 
 
-def test_colliding_names_are_refused_before_any_work(tmp_path: Path) -> None:
+def test_colliding_names_in_a_folder_keep_their_extension_with_one_warning(tmp_path: Path) -> None:
     _image(tmp_path / "in" / "x.png")
     _image(tmp_path / "in" / "x.jpg")
     out = tmp_path / "out"
     result = runner.invoke(app, ["deblur", str(tmp_path / "in"), "-o", str(out), "--ext", "png", *WEIGHTS])
+    assert result.exit_code == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0] == (f"warning: 1 output name(s) keep their input's extension, since another input would get "
+                        f"the same name ({tmp_path / 'in' / 'x.jpg'} -> {out / 'x.jpg.png'})")
+    assert sorted(path.name for path in out.iterdir()) == ["x.jpg.png", "x.png"]
+    assert sum(line.startswith("warning: ") for line in lines) == 1
+
+
+def test_colliding_named_files_are_refused_before_any_work(tmp_path: Path) -> None:
+    png, jpg = _image(tmp_path / "in" / "x.png"), _image(tmp_path / "in" / "x.jpg")
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["deblur", str(png), str(jpg), "-o", str(out), "--ext", "png", *WEIGHTS])
     assert result.exit_code == 2
     assert result.stderr == (
-        f"error: {tmp_path / 'in' / 'x.jpg'} and {tmp_path / 'in' / 'x.png'} would both be written to {out / 'x.png'}; "
-        "rename one, or restore them in separate runs\n"
+        f"error: {png} and {jpg} would both be written to {out / 'x.png'}; rename one, or restore them in separate runs\n"
     )
     assert not out.exists()
 

@@ -147,13 +147,39 @@ def test_without_output_results_go_beside_inputs(tree: Path) -> None:
     assert [j.target for j in plan.jobs] == [str(tree / "a_denoised.png"), str(tree / "b_denoised.jpg")]
 
 
-def test_name_collisions_are_refused_before_any_work(tmp_path: Path) -> None:
-    write_image(tmp_path / "in" / "x.png")
-    write_image(tmp_path / "in" / "x.jpg")
+def test_found_files_that_share_an_output_keep_their_source_extension(tmp_path: Path) -> None:
+    for name in ("x.png", "x.jpg", "x.jp2", "y.jp2"):
+        write_image(tmp_path / "in" / name)
+    naming = OutputNaming("deblur", output=str(tmp_path / "out"), extension=".png")
+    plan = plan_jobs([str(tmp_path / "in")], naming)
+    out = tmp_path / "out"
+    # x.png keeps its plain name: its format is the output's anyway.
+    assert {Path(job.source).name: job.target for job in plan.jobs} == {
+        "x.jp2": str(out / "x.jp2.png"), "x.jpg": str(out / "x.jpg.png"), "x.png": str(out / "x.png"),
+        "y.jp2": str(out / "y.png"),
+    }
+    assert sorted(Path(job.source).name for job in plan.renamed) == ["x.jp2", "x.jpg"]
+    # The same names on a rerun, so that the outputs written are skipped.
+    for job in plan.jobs:
+        write_image(Path(job.target))
+    rerun = plan_jobs([str(tmp_path / "in")], naming)
+    assert rerun.jobs == [] and len(rerun.skipped) == 4
+
+
+def test_found_files_of_one_format_clashing_all_keep_their_extension(tmp_path: Path) -> None:
+    write_image(tmp_path / "in" / "a.jp2")
+    write_image(tmp_path / "in" / "a.j2k")
+    plan = plan_jobs([str(tmp_path / "in")], OutputNaming("denoise"))
+    assert sorted(job.target for job in plan.jobs) == [str(tmp_path / "in" / "a.j2k_denoised.png"),
+                                                       str(tmp_path / "in" / "a.jp2_denoised.png")]
+
+
+def test_named_files_that_share_an_output_are_refused_before_any_work(tmp_path: Path) -> None:
+    png, jpg = write_image(tmp_path / "in" / "x.png"), write_image(tmp_path / "in" / "x.jpg")
     with pytest.raises(OutputError) as error:
-        plan_jobs([str(tmp_path / "in")], OutputNaming("deblur", output=str(tmp_path / "out"), extension=".png"))
+        plan_jobs([str(png), str(jpg)], OutputNaming("deblur", output=str(tmp_path / "out"), extension=".png"))
     assert error.value.message == (
-        f"{tmp_path / 'in' / 'x.jpg'} and {tmp_path / 'in' / 'x.png'} would both be written to {tmp_path / 'out' / 'x.png'}; "
+        f"{png} and {jpg} would both be written to {tmp_path / 'out' / 'x.png'}; "
         "rename one, or restore them in separate runs"
     )
 

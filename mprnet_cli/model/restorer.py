@@ -8,6 +8,7 @@ clamp. Grayscale and alpha are handled around it so the network always sees RGB.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -115,8 +116,10 @@ class Restorer:
     `restore` takes and returns numpy arrays (HxW, HxWx1, HxWx2, HxWx3 or HxWx4; uint8,
     uint16 or float in [0, 1]) or PIL images, keeping dtype, mode and alpha.
 
-    `precision` defaults to fp32, the exact reference; "auto" picks bf16 where the hardware
-    computes it natively (the command line's default).
+    `precision` defaults to fp32, the exact reference; "auto" (the command line's default)
+    picks bf16 where the hardware computes it natively, for 8-bit images only: bf16 keeps
+    about 8 bits, so 16-bit and float images run in fp32, from a full-precision copy of the
+    model made when first needed.
 
     Tiling: `tile=None` (auto) runs the whole image when it fits the device's memory and
     tiles it otherwise; `0` always runs the whole image (the exact published recipe); `N`
@@ -152,6 +155,13 @@ class Restorer:
             raise ValueError(f"tile_batch must be at least 1, got {tile_batch}")
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.dtype = resolve_precision(precision, self.device)
+        # Under auto, deep images get an fp32 twin of this restorer; its model is copied
+        # now, before the cast below rounds the weights, and moved to the device only if used.
+        deep_in_fp32 = precision.strip().lower() == "auto" and self.dtype != torch.float32
+        self._fp32_model: MPRNet | None = copy.deepcopy(model).eval() if deep_in_fp32 else None
+        self._fp32_twin: Restorer | None = None
+        self._options = {"tile": tile, "tile_overlap": tile_overlap, "tile_blend": tile_blend,
+                         "tile_batch": tile_batch, "cuda_graphs": cuda_graphs}
         self.model = model.eval().to(device=self.device, dtype=self.dtype, memory_format=torch.channels_last)
         if self.device.type == "cpu":
             keep_freed_host_memory()  # no page faults for every feature map (see its docstring)
@@ -230,10 +240,19 @@ class Restorer:
     def restore_array(self, array: np.ndarray, progress: Progress | None = None) -> np.ndarray:
         """Any byte order in, the same out; HxWx1 stays HxWx1."""
         native = array.astype(array.dtype.newbyteorder("=")) if not array.dtype.isnative else array
-        restored = self._restore_native(native, progress)
+        restored = self.restorer_for(array.dtype)._restore_native(native, progress)
         if array.ndim == 3 and array.shape[2] == 1:
             restored = restored[..., None]
         return restored.astype(array.dtype, copy=False)
+
+    def restorer_for(self, dtype: np.dtype) -> Restorer:
+        """This restorer, or for images deeper than 8 bits under precision auto, its fp32 twin."""
+        if self._fp32_model is None or np.dtype(dtype) == np.uint8:
+            return self
+        if self._fp32_twin is None:
+            self._fp32_twin = Restorer(self._fp32_model, device=self.device, precision="fp32", **self._options)
+            self._fp32_model = None  # the twin owns it now
+        return self._fp32_twin
 
     @torch.inference_mode()
     def _restore_native(self, array: np.ndarray, progress: Progress | None) -> np.ndarray:
