@@ -119,6 +119,7 @@ def _restore(saved: int | None) -> list[str]:
 
 
 def _report(label: str, messages: list[str], failed: bool) -> None:
+    messages = list(dict.fromkeys(messages))  # libraries repeat themselves, per tag or per strip
     if not messages:
         return
     if failed or logger.isEnabledFor(logging.DEBUG):

@@ -196,7 +196,7 @@ def modes() -> dict[str, tuple[bytes, bool]]:
 TRUNCATED_FORMATS = {
     "png": "PNG", "jpg": "JPEG", "webp": "WEBP", "tif": "TIFF", "bmp": "BMP", "gif": "GIF", "ico": "ICO",
     "icns": "ICNS", "jp2": "JPEG2000", "tga": "TGA", "ppm": "PPM", "pcx": "PCX", "sgi": "SGI", "qoi": "QOI",
-    "dds": "DDS", "im": "IM", "blp": "BLP", "avif": "AVIF",
+    "dds": "DDS", "blp": "BLP", "avif": "AVIF",
 }
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import resource
 import signal
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from typer.testing import CliRunner
 
 from mprnet_cli.cli import app
 
+from . import hostile_corpus
 from .conftest import TINY_CHECKPOINT, write_image
 
 runner = CliRunner()
@@ -200,3 +203,110 @@ def test_sigterm_stops_like_ctrl_c(tmp_path: Path) -> None:
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr.decode()
     assert all(not p.name.startswith(".") for p in out.iterdir())
+
+
+# --- files from the wild ------------------------------------------------------------------
+
+#: The restore of a tiny image with the tiny model: far below this; a decoder that trusted a
+#: bomb's header would go far above it (the address-space limit stops it first).
+PEAK_RSS_LIMIT = 1.5 * 1024**3
+ADDRESS_SPACE = 3 * 1024**3
+#: Lines that report one image: `SOURCE -> TARGET (0.00 MP, 0.1 s)`.
+OUTCOME = re.compile(r"^(?P<source>.+) -> (?P<target>.+) \(\d+\.\d\d MP, \d+\.\d s\)$")
+
+
+def _limited_run(arguments: list[str], **env: str) -> tuple[int, str, int]:
+    """Run the real executable with a bounded address space; (exit code, stderr, peak RSS in bytes)."""
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
+
+    process = subprocess.Popen([str(MPRNET), *arguments], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               preexec_fn=limit, env={**os.environ, "NO_COLOR": "1", **env})
+    stderr = process.stderr.read().decode() if process.stderr else ""
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return process.returncode, stderr, usage.ru_maxrss * 1024
+
+
+def test_a_hostile_folder_never_takes_the_batch_down(tmp_path: Path) -> None:
+    """Bombs, truncated files of every format, random bytes, bogus metadata and every pixel
+    mode, as one batch: each file is restored or refused in one line of ours."""
+    corpus = hostile_corpus.build_corpus(tmp_path / "in")
+    out = tmp_path / "out"
+    code, stderr, peak = _limited_run(["denoise", str(corpus.folder), "-o", str(out), "--weights", str(TINY_CHECKPOINT),
+                                       "--precision", "fp32"])
+    assert code == 1, stderr
+    assert "Traceback" not in stderr and peak < PEAK_RSS_LIMIT
+    lines = stderr.splitlines()
+    summary = re.fullmatch(r"(\d+) done, 0 skipped, (\d+) failed; .*", lines[-1])
+    assert summary is not None, lines[-1]
+    outcomes = [match for match in map(OUTCOME.match, lines) if match]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert all(line.startswith(("error: ", "warning: ")) or OUTCOME.match(line) for line in lines[:-1])
+    sources = {Path(match["source"]).name for match in outcomes} | {
+        Path(line[len("error: "):].split(": ")[0]).name for line in errors}
+    assert sources == {path.name for path in corpus.folder.iterdir()}
+    assert (int(summary[1]), int(summary[2])) == (len(outcomes), len(errors))
+    for name in corpus.bombs:
+        assert any(line.startswith(f"error: {corpus.folder / name}: ") for line in errors), name
+    for name in corpus.bombs - {"tile_bomb.tif"}:
+        assert any(f"{corpus.folder / name}: declares an image of" in line for line in errors), name
+    for match in outcomes:  # every output readable, at its input's size
+        with Image.open(match["source"]) as source, Image.open(match["target"]) as target:
+            assert target.size == source.size, match["source"]
+        name = Path(match["source"]).name
+        if name in corpus.transparent:
+            dropped = f"warning: {match['target']}: " in stderr and "transparency" in stderr
+            assert _has_alpha(Path(match["target"])) or dropped, f"{name} lost its alpha silently"
+    assert len(outcomes) >= 20 and {Path(m["source"]).name for m in outcomes} >= corpus.transparent
+
+
+def _has_alpha(path: Path) -> bool:
+    """Pillow reads 16-bit RGBA PNG as RGBA too; OpenCV's channel count settles any doubt."""
+    import cv2
+
+    pixels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    return pixels is not None and pixels.ndim == 3 and pixels.shape[2] in (2, 4)
+
+
+def test_a_bomb_among_good_images_costs_only_itself(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    for name in ("a.png", "z.png"):
+        _image(folder / name)
+    (folder / "m.icns").write_bytes(hostile_corpus.icns_bomb())
+    code, stderr, _ = _limited_run(["denoise", str(folder), "-o", str(tmp_path / "out"), *WEIGHTS])
+    assert code == 1, stderr
+    assert f"error: {folder / 'm.icns'}: declares an image of 40,000,000,000 pixels" in stderr
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["a.png", "z.png"]
+
+
+@pytest.mark.parametrize(
+    ("name", "warnings"),
+    [("corrupt_strip.tif", ["Fax4Decode: Bad code word at line 36 of strip 0 (x 62)."]),
+     ("bad_icc.png", ["its ICC colour profile is damaged; it is left out", "libpng warning: iCCP: too short"])],
+)
+def test_c_library_chatter_is_one_line_of_ours(tmp_path: Path, name: str, warnings: list[str]) -> None:
+    source = tmp_path / name
+    source.write_bytes(hostile_corpus.bogus_metadata()[name])
+    target = tmp_path / f"out{source.suffix}"
+    code, stderr, _ = _limited_run(["denoise", str(source), "-o", str(target), *WEIGHTS])
+    assert code == 0, stderr
+    lines = stderr.splitlines()
+    assert lines[:-1] == [f"warning: {source}: {warning}" for warning in warnings]
+    assert OUTCOME.match(lines[-1])
+
+
+def test_library_chatter_is_shown_in_full_with_debug(tmp_path: Path) -> None:
+    source = tmp_path / "scan"  # no extension: planning sniffs it, and Pillow warns as it does
+    tags = hostile_corpus._tiff_gray(8, 8) + [(270, 2, 1000, 99999), (273, 4, 1, 0), (278, 4, 1, 8), (279, 4, 1, 64)]
+    source.write_bytes(hostile_corpus.tiff_bytes(tags))
+    target = tmp_path / "out.png"
+    _, quiet, _ = _limited_run(["denoise", str(tmp_path), "-o", str(tmp_path / "out"), *WEIGHTS])
+    warnings = [line for line in quiet.splitlines() if line.startswith("warning: ")]
+    # Once as planning sniffs it, once as it is read: each time one line that names it.
+    assert warnings == [f"warning: {source}: Tag data larger than file. Skipping tag 270"] * 2, quiet
+    code, debug, _ = _limited_run(["denoise", str(source), "-o", str(target), "--overwrite", *WEIGHTS],
+                                  MPRNET_DEBUG="1")
+    assert code == 0, debug
+    assert f"warning: {source}: Tag data larger than file. Skipping tag 270" in debug.splitlines()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -14,6 +17,7 @@ from mprnet_cli import imageio
 from mprnet_cli.errors import InputError, OutputError
 from mprnet_cli.imageio import Picture, decode_image, encode_image, format_for, read_image, write_atomic
 
+from . import hostile_corpus
 from .conftest import pil_bytes
 
 RNG = np.random.default_rng(7)
@@ -243,3 +247,113 @@ def test_disk_full_is_an_output_error_and_leaves_nothing(tmp_path: Path, monkeyp
     with pytest.raises(OutputError, match=r"out.png: cannot write \(No space left on device\)"):
         write_atomic(tmp_path / "out.png", b"new")
     assert list(tmp_path.iterdir()) == []
+
+
+# --- files from the wild: bombs, colour keys, alpha, damaged profiles ---------------------
+
+#: Enough for Python, numpy, Pillow and OpenCV; far less than any bomb here would allocate.
+ADDRESS_SPACE = 2 * 1024**3
+
+_DECODE_BOMBS = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))
+from pathlib import Path
+from mprnet_cli.errors import InputError
+from mprnet_cli.imageio import read_image
+for path in sys.argv[1:]:
+    try:
+        read_image(Path(path), max_pixels=250_000_000)
+        print(path, "decoded")
+    except InputError as error:
+        print(error.message)
+"""
+
+
+def test_a_bomb_is_refused_by_its_declared_size_before_anything_is_allocated(tmp_path: Path) -> None:
+    """In a process with little address space: a decoder that trusted a header would fail
+    with MemoryError there, not take the machine."""
+    paths = []
+    for name, make in hostile_corpus.BOMBS.items():
+        paths.append(tmp_path / name)
+        paths[-1].write_bytes(make())
+    finished = subprocess.run([sys.executable, "-c", _DECODE_BOMBS.format(limit=ADDRESS_SPACE), *map(str, paths)],
+                              capture_output=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr
+    lines = dict(zip(map(str, paths), finished.stdout.decode().splitlines()))
+    over = "pixels, over the 250,000,000-pixel limit (raise it with --max-pixels)"
+    for name, declared in [("bomb.png", 200_000**2), ("bomb.tif", 200_000**2), ("bomb.bmp", 200_000**2),
+                           ("bomb.icns", 200_000**2), ("frame_bomb.gif", 60_000**2), ("bomb.jpg", 65_000**2)]:
+        assert lines[str(tmp_path / name)] == f"{tmp_path / name}: declares an image of {declared:,} {over}"
+    # A tile larger than its image is never allocated: libtiff finds too little data.
+    assert lines[str(tmp_path / "tile_bomb.tif")].startswith(f"{tmp_path / 'tile_bomb.tif'}: truncated or corrupt image")
+    assert finished.stderr == b""
+
+
+def test_opencv_gets_the_pixel_limit_before_it_loads(tmp_path: Path) -> None:
+    script = (
+        "import numpy as np\n"
+        "from mprnet_cli.imageio import limit_decoders\n"
+        "limit_decoders(1000)\n"
+        "import cv2\n"
+        "ok, png = cv2.imencode('.png', np.zeros((40, 40, 3), np.uint16))\n"
+        "try:\n"
+        "    cv2.imdecode(png, cv2.IMREAD_UNCHANGED)\n"
+        "except cv2.error as error:\n"
+        "    print('refused' if 'CV_IO_MAX_IMAGE_PIXELS' in str(error) else error)\n"
+    )
+    finished = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert finished.stdout.decode().strip() == "refused", finished.stderr
+
+
+def test_pillow_checks_each_part_of_a_file_against_the_limit() -> None:
+    """The icon reports 512x512 when opened; its entry declares 200000x200000."""
+    with pytest.raises(InputError) as error:
+        decode_image(hostile_corpus.icns_bomb(), "icon.icns", max_pixels=1_000_000)
+    assert error.value.message == ("icon.icns: declares an image of 40,000,000,000 pixels, over the 1,000,000-pixel limit "
+                                   "(raise it with --max-pixels)")
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype", "opaque"),
+    [("mode_1_key.png", np.uint8, 255), ("mode_L_key.png", np.uint8, 255), ("mode_I16_key.png", np.uint16, 65535),
+     ("mode_RGB_key.png", np.uint8, 255), ("mode_RGB16_key.png", np.uint16, 65535)],
+)
+def test_every_colour_key_becomes_alpha(name: str, dtype: type, opaque: int) -> None:
+    data, has_alpha = hostile_corpus.modes()[name]
+    picture = decode_image(data, name)
+    assert has_alpha and picture.pixels.dtype == dtype
+    assert picture.pixels.shape[-1] in (2, 4)
+    colour, alpha = picture.pixels[..., :-1], picture.pixels[..., -1]
+    # Each file's key is the colour of its top-left pixel: transparent exactly where it is.
+    keyed = np.all(colour == colour[0, 0], axis=-1)
+    assert 0 < keyed.sum() < keyed.size
+    np.testing.assert_array_equal(alpha, np.where(keyed, 0, opaque))
+
+
+def test_a_32_bit_bmp_keeps_its_alpha_both_ways() -> None:
+    data, _ = hostile_corpus.modes()["mode_RGBA32.bmp"]
+    picture = decode_image(data, "x.bmp")
+    assert picture.pixels.shape == (20, 24, 4)
+    np.testing.assert_array_equal(picture.pixels[..., 3], np.tile(np.linspace(0, 255, 24, dtype=np.uint8), (20, 1)))
+    written = Image.open(io.BytesIO(encode_image(replace(picture, dpi=(300.0, 300.0)), "BMP")))
+    assert written.mode == "RGBA" and round(written.info["dpi"][0]) == 300
+    np.testing.assert_array_equal(np.asarray(written), picture.pixels)
+    gray = Image.open(io.BytesIO(encode_image(Picture(picture.pixels[..., [0, 3]]), "BMP")))
+    assert gray.mode == "RGBA"
+    np.testing.assert_array_equal(np.asarray(gray)[..., 3], picture.pixels[..., 3])
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_sixteen_bit_gray_with_alpha_is_written_as_sixteen_bit_rgba(fmt: str) -> None:
+    pixels = RNG.integers(0, 65536, (5, 7, 2), dtype=np.uint16)
+    again = decode_image(encode_image(Picture(pixels), fmt), "again").pixels
+    assert again.dtype == np.uint16 and again.shape == (5, 7, 4)
+    for channel in range(3):
+        np.testing.assert_array_equal(again[..., channel], pixels[..., 0])
+    np.testing.assert_array_equal(again[..., 3], pixels[..., 1])
+
+
+def test_a_damaged_colour_profile_is_left_out_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    picture = decode_image(pil_bytes(Image.new("RGB", (8, 6)), "PNG", icc_profile=b"not a profile" * 20), "x.png")
+    assert picture.icc_profile is None
+    assert "x.png: its ICC colour profile is damaged; it is left out" in caplog.text
