@@ -1,5 +1,6 @@
 """How far bf16 (and, on a GPU, fp16) output lies from the exact fp32 path, for each
-published width.
+published width; and what bf16 leaves of a 16-bit image, which is why `--precision auto`
+runs 16-bit inputs in fp32.
 
 Seeded random weights (the published checkpoints cannot be fetched here) on a photo:
 scikit-image's CC0 `astronaut`, cropped. The trained-model guard is a test
@@ -34,16 +35,26 @@ def main() -> None:
     arguments = parser.parse_args()
     photo = data.astronaut()[: arguments.size, : arguments.size].astype(np.float32) / 255
     formats = ["bf16", "fp16"] if arguments.device == "cuda" else ["bf16"]  # no fp16 on the CPU
-    print(f"{'task':<8}" + "".join(f" {name + ' vs fp32':>13} {'max abs diff':>13}" for name in formats))
+    deep = np.round(photo * 65535).astype(np.uint16)
+    print(f"{'task':<8}" + "".join(f" {name + ' vs fp32':>13} {'max abs diff':>13}" for name in formats)
+          + f" {'16-bit: bf16 off by':>20} {'bits kept':>9} {'auto off by':>11}")
     for task, config in TASK_CONFIGS.items():
         torch.manual_seed(0)
         model = MPRNet(config)
-        exact = Restorer(model, device=arguments.device, precision="fp32", tile=0).restore(photo)
+        # Copies: a Restorer casts the model it is given in place (fp32 to fp32 is lossless).
+        exact_restorer = Restorer(copy.deepcopy(model), device=arguments.device, precision="fp32", tile=0)
+        exact = exact_restorer.restore(photo)
         row = f"{task:<8}"
         for name in formats:
-            # A copy: a Restorer casts the model it is given in place (fp32 to fp32 is lossless).
             fast = Restorer(copy.deepcopy(model), device=arguments.device, precision=name, tile=0).restore(photo)
             row += f" {psnr(fast, exact):>10.2f} dB {np.abs(fast - exact).max():>13.4f}"
+        deep_exact = exact_restorer.restore(deep).astype(np.float64)
+        deep_bf16 = Restorer(copy.deepcopy(model), device=arguments.device, precision="bf16", tile=0).restore(deep)
+        deep_auto = Restorer(copy.deepcopy(model), device=arguments.device, precision="auto", tile=0).restore(deep)
+        error = np.abs(deep_bf16 - deep_exact)
+        # Bits kept: the full scale over the RMS error, in powers of two.
+        bits = np.log2(65535 / np.sqrt(np.mean(error**2)))
+        row += f" {error.mean():>13.1f} levels {bits:>9.2f} {np.abs(deep_auto - deep_exact).max():>11.0f}"
         print(row)
 
 

@@ -366,3 +366,31 @@ def test_bf16_channel_means_match_fp32() -> None:
         fast = _spatial_mean(x.to(torch.bfloat16).contiguous(memory_format=layout))
         assert fast.shape == (2, 5, 1, 1) and fast.dtype == torch.bfloat16
         torch.testing.assert_close(fast.float(), expected, atol=4e-3, rtol=0)
+
+
+def test_auto_runs_deep_images_in_fp32_and_eight_bit_ones_in_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 keeps about 8 bits: a 16-bit image restored in it is 8-bit noise in 16-bit dress."""
+    monkeypatch.setattr("mprnet_cli.devices.cpu_has_native_bf16", lambda: True)
+    rng = np.random.default_rng(11)
+    deep = rng.integers(0, 65536, (24, 32, 3), dtype=np.uint16)
+    eight = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    auto = Restorer.from_checkpoint(TINY_CHECKPOINT, device="cpu", precision="auto", tile=0)
+    exact = Restorer.from_checkpoint(TINY_CHECKPOINT, device="cpu", precision="fp32", tile=0)
+    fast = Restorer.from_checkpoint(TINY_CHECKPOINT, device="cpu", precision="bf16", tile=0)
+    assert auto.dtype == torch.bfloat16 and auto.restorer_for(np.dtype(np.uint8)) is auto
+    np.testing.assert_array_equal(auto.restore(eight), fast.restore(eight))
+    np.testing.assert_array_equal(auto.restore(deep), exact.restore(deep))
+    assert not np.array_equal(fast.restore(deep), exact.restore(deep))  # bf16 is asked for by name only
+    floats = deep.astype(np.float32) / 65535
+    np.testing.assert_array_equal(auto.restore(floats), exact.restore(floats))
+    twin = auto.restorer_for(np.dtype(">u2"))
+    assert twin.dtype == torch.float32 and twin is auto.restorer_for(np.dtype(np.float32))
+
+
+def test_the_fp32_twin_is_made_only_under_auto_and_only_when_needed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("mprnet_cli.devices.cpu_has_native_bf16", lambda: True)
+    auto = Restorer.from_checkpoint(TINY_CHECKPOINT, device="cpu", precision="auto")
+    assert auto._fp32_twin is None and auto._fp32_model is not None
+    for precision in ("bf16", "fp32"):
+        named = Restorer.from_checkpoint(TINY_CHECKPOINT, device="cpu", precision=precision)
+        assert named.restorer_for(np.dtype(np.uint16)) is named and named._fp32_model is None

@@ -247,7 +247,7 @@ class Restorer:
 
     def restorer_for(self, dtype: np.dtype) -> Restorer:
         """This restorer, or for images deeper than 8 bits under precision auto, its fp32 twin."""
-        if self._fp32_model is None or np.dtype(dtype) == np.uint8:
+        if np.dtype(dtype) == np.uint8 or (self._fp32_model is None and self._fp32_twin is None):
             return self
         if self._fp32_twin is None:
             self._fp32_twin = Restorer(self._fp32_model, device=self.device, precision="fp32", **self._options)
