@@ -299,9 +299,7 @@ def _pil_bytes(pixels: np.ndarray, fmt: str, **options: object) -> bytes:
 def _bmp_with_alpha(pixels: np.ndarray, dpi: tuple[float, float] | None) -> bytes:
     """A 32-bit BMP whose BITMAPV5 header declares the fourth byte alpha. Pillow writes RGBA
     as a plain 32-bit BMP, whose fourth byte readers (Pillow among them) ignore."""
-    if pixels.shape[2] == 2:
-        gray, alpha = pixels[..., 0], pixels[..., 1]
-        pixels = np.dstack([gray, gray, gray, alpha])
+    pixels = _as_rgba(pixels)
     height, width = pixels.shape[:2]
     bgra = np.ascontiguousarray(pixels[::-1, :, [2, 1, 0, 3]]).tobytes()  # rows bottom-up
     per_metre = [round(dots / 0.0254) for dots in dpi] if dpi else [0, 0]
@@ -315,6 +313,14 @@ def _bmp_with_alpha(pixels: np.ndarray, dpi: tuple[float, float] | None) -> byte
     return b"BM" + struct.pack("<IHHI", offset + len(bgra), 0, 0, offset) + header + bgra
 
 
+def _as_rgba(pixels: np.ndarray) -> np.ndarray:
+    """Gray with alpha (HxWx2) as RGBA, for writers that take no two-channel image."""
+    if pixels.shape[2] != 2:
+        return pixels
+    gray, alpha = pixels[..., 0], pixels[..., 1]
+    return np.dstack([gray, gray, gray, alpha])
+
+
 def _has_alpha(pixels: np.ndarray) -> bool:
     return pixels.ndim == 3 and pixels.shape[2] in (2, 4)
 
@@ -324,9 +330,7 @@ def _sixteen_bit_color_bytes(pixels: np.ndarray, fmt: str) -> bytes:
     alpha, and OpenCV no two-channel image)."""
     import cv2
 
-    if pixels.shape[2] == 2:
-        gray, alpha = pixels[..., 0], pixels[..., 1]
-        pixels = np.dstack([gray, gray, gray, alpha])
+    pixels = _as_rgba(pixels)
     order = cv2.COLOR_RGBA2BGRA if pixels.shape[2] == 4 else cv2.COLOR_RGB2BGR
     try:
         ok, encoded = cv2.imencode(".png" if fmt == "PNG" else ".tiff", cv2.cvtColor(pixels, order))
