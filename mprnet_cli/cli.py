@@ -36,14 +36,58 @@ TASK_HELP = {
     "denoise": "Remove real camera noise (MPRNet trained on SIDD).",
 }
 
-app = typer.Typer(
+def _examples(*lines: str) -> str:
+    """An epilog of examples, one a line. It starts with a newline: Typer dedents help text
+    as a docstring, by the indent common to every line but the first, so "Examples:" must
+    not be the first line for the examples to keep their indent."""
+    return "\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _plain_value_names(params: list) -> list:  # noqa: ANN001 - Typer's parameter classes
+    """Typer 0.29's Rich help prints each parameter's `display_type_rich()` beside it: an
+    option's metavar when it has one, else its annotation as a type (`<str>`, `<int
+    range>`). Flags get one too (`--quiet <bool>`), though they take no value (0.28 and
+    Typer's plain formatter print none), and arguments always (`INPUT <list[str]>`),
+    whatever their metavar. So valued options name their value with a metavar, and flags
+    and arguments, whose name is all there is to show, get no type."""
+    from typer.core import TyperArgument
+
+    for param in params:
+        if isinstance(param, TyperArgument) or getattr(param, "is_flag", False):
+            param.display_type_rich = lambda ctx: None
+    return params
+
+
+class _Command(typer.core.TyperCommand):
+    def get_params(self, ctx: typer.Context) -> list:  # noqa: D102
+        return _plain_value_names(super().get_params(ctx))
+
+
+class _Group(typer.core.TyperGroup):
+    def get_params(self, ctx: typer.Context) -> list:  # noqa: D102
+        return _plain_value_names(super().get_params(ctx))
+
+
+class _Typer(typer.Typer):
+    """A Typer whose commands and groups name values plainly in their help (see above)."""
+
+    def __init__(self, **settings: object) -> None:
+        settings.setdefault("cls", _Group)
+        super().__init__(**settings)
+
+    def command(self, *args: object, **settings: object):  # noqa: ANN201 - Typer's decorator
+        settings.setdefault("cls", _Command)
+        return super().command(*args, **settings)
+
+
+app = _Typer(
     name="mprnet",
     help=f"Restore photos with MPRNet: deblur, derain, denoise, on images of any size.\n\n{LICENSE_NOTE}",
-    epilog=(
-        "Examples:\n\n"
-        "  mprnet deblur photo.jpg -o sharp.jpg --weights model_deblurring.pth\n\n"
-        "  mprnet derain frame.png --device cuda --weights model_deraining.pth\n\n"
-        "  cat noisy.png | mprnet denoise - -o - --weights model_denoising.pth > clean.png"
+    epilog=_examples(
+        "mprnet deblur photo.jpg -o sharp.jpg",
+        "mprnet derain ./rainy -o ./clean --device cuda",
+        "cat noisy.png | mprnet denoise - -o - > clean.png",
+        "mprnet weights list",
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -113,38 +157,58 @@ def _check_terminals(jobs: list[Job]) -> None:
         raise OutputError("standard output is a terminal; redirect it (> restored.png) or give -o a file name")
 
 
+#: The panels of a task's help, in this order after the general options (help, quiet).
+IO_PANEL, MODEL_PANEL, TILING_PANEL, BATCH_PANEL = "Input and output", "Model", "Tiling", "Batch"
+
+
+def _in_range(low: int, high: int | None = None):  # noqa: ANN202 - a Typer callback
+    """Check a number's range in words, not in the help's placeholder (Typer's min= and
+    max= print `[x>=0]` there, and answer "Input should be greater than or equal to 0")."""
+
+    def check(value: int) -> int:
+        if value < low or (high is not None and value > high):
+            raise typer.BadParameter(f"{value}: expected {low} to {high}" if high is not None else
+                                     f"{value}: expected {low} or more")
+        return value
+
+    return check
+
+
 Inputs = Annotated[
     list[str],
-    typer.Argument(metavar="INPUT", help="Image files, directories or glob patterns; - for standard input.", show_default=False),
+    typer.Argument(metavar="INPUT", help="Image files, folders or glob patterns; - for standard input.", show_default=False),
 ]
 OutputOption = Annotated[
     Optional[str],
-    typer.Option("-o", "--output", help="Output file (format from its extension), a directory (for several inputs), "
-                 "or - for standard output. Default: beside each input, with the task's suffix (photo.jpg -> "
-                 "photo_deblurred.jpg, _derained, _denoised)."),
+    typer.Option("-o", "--output", metavar="PATH", rich_help_panel=IO_PANEL,
+                 help="A file, a folder, or - for stdout. Default: beside each input."),
 ]
 WeightsOption = Annotated[
     Optional[str],
-    typer.Option("--weights", "-w", help="Checkpoint: a file (.pth or .safetensors) or hf://owner/repo/file.pth\\[@revision]. "
-                 "Default: the task's published checkpoint, downloaded once (see `mprnet weights list`)."),
+    typer.Option("--weights", "-w", metavar="PATH", rich_help_panel=MODEL_PANEL,
+                 help="A file or hf://owner/repo/file.pth\\[@rev] (default: the published checkpoint)."),
 ]
-DeviceOption = Annotated[str, typer.Option("--device", "-d", help="auto, cpu, cuda, cuda:N or mps. auto: CUDA, then MPS, then CPU.")]
+DeviceOption = Annotated[str, typer.Option("--device", "-d", metavar="auto|cpu|cuda[:N]|mps", rich_help_panel=MODEL_PANEL,
+                                           help="auto: CUDA, then MPS, then CPU.")]
 PrecisionOption = Annotated[
-    str, typer.Option("--precision", help="auto: bf16 where the hardware computes it natively (CUDA GPUs with bf16, "
-                      "CPUs with AVX-512 BF16 or AMX), else fp32. fp32: the exact reference. bf16. fp16: GPU only.")
+    str, typer.Option("--precision", metavar="auto|fp32|bf16|fp16", rich_help_panel=MODEL_PANEL, show_default=False,
+                      help="auto (default): bf16 for 8-bit images where native, else fp32 (exact). bf16: "
+                      "always. fp16: GPU only.")
 ]
 TileOption = Annotated[
-    str, typer.Option("--tile", "-t", help="Tile size in pixels: a multiple of 8, at least 32 and at least twice "
-                      "--tile-overlap (four times with split); 0 runs the whole image at once; "
-                      "auto: the whole image when it fits in memory, else the fewest tiles that do (at most 512x512 on the CPU).")
+    str, typer.Option("--tile", "-t", metavar="auto|0|N", rich_help_panel=TILING_PANEL, show_default=False,
+                      help="auto (default): tiles only if the image does not fit; 0: the whole image; N: N x N "
+                      "tiles.")
 ]
-TileOverlapOption = Annotated[int, typer.Option("--tile-overlap", min=0, help="Pixels of overlap between tiles.")]
+TileOverlapOption = Annotated[int, typer.Option("--tile-overlap", metavar="N", callback=_in_range(0),
+                                                rich_help_panel=TILING_PANEL, help="Pixels of overlap between tiles.")]
 TileBlendOption = Annotated[
-    str, typer.Option("--tile-blend", help="How tiles are joined: feather (cross-fade across the overlap), core (a hard "
-                      "cut mid-overlap), or split (also hides MPRNet's own patch seams inside each tile, with 1.75x the "
-                      "tiles).")
+    str, typer.Option("--tile-blend", metavar="feather|core|split", rich_help_panel=TILING_PANEL, show_default=False,
+                      help="feather (default) or core; split also hides MPRNet's seams in each tile, with 1.75x "
+                      "the tiles.")
 ]
-QualityOption = Annotated[int, typer.Option("--quality", min=1, max=100, help="JPEG/WebP quality.")]
+QualityOption = Annotated[int, typer.Option("--quality", metavar="1-100", callback=_in_range(1, 100),
+                                            rich_help_panel=IO_PANEL, help="JPEG and WebP quality.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 
 
@@ -209,18 +273,24 @@ def _configure_logging(quiet: bool) -> None:
     os.environ.setdefault("HF_HUB_VERBOSITY", "error")
 
 
-RecursiveOption = Annotated[bool, typer.Option("--recursive", "-r", help="Walk subdirectories of directory inputs.")]
+RecursiveOption = Annotated[bool, typer.Option("--recursive", "-r", rich_help_panel=BATCH_PANEL,
+                                               help="Walk the subfolders of folder inputs.")]
 SuffixOption = Annotated[
     Optional[str],
-    typer.Option("--suffix", help="Added to each output's stem. Default: the task suffix beside inputs, none in an -o directory."),
+    typer.Option("--suffix", metavar="SUFFIX", rich_help_panel=IO_PANEL,
+                 help="Added to output names. Default: the task's; none in an -o folder."),
 ]
 ExtOption = Annotated[
-    Optional[str], typer.Option("--ext", help="Output format: png, jpg, webp, tif, bmp; default: each input's own (PNG for -o -).")
+    Optional[str], typer.Option("--ext", metavar="FORMAT", rich_help_panel=IO_PANEL,
+                                help="png, jpg, webp, tif or bmp. Default: the input's; PNG for -o -.")
 ]
-OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Redo outputs that already exist (default: skip them).")]
-FailFastOption = Annotated[bool, typer.Option("--fail-fast", help="Stop at the first image that fails.")]
+OverwriteOption = Annotated[bool, typer.Option("--overwrite", rich_help_panel=BATCH_PANEL,
+                                               help="Redo outputs that exist (default: skip them).")]
+FailFastOption = Annotated[bool, typer.Option("--fail-fast", rich_help_panel=BATCH_PANEL,
+                                              help="Stop at the first image that fails.")]
 MaxPixelsOption = Annotated[
-    int, typer.Option("--max-pixels", min=0, help="Refuse larger images (guards against decompression bombs); 0: no limit.")
+    int, typer.Option("--max-pixels", metavar="N", callback=_in_range(0), rich_help_panel=IO_PANEL, show_default=False,
+                      help="Refuse images over N pixels. Default: 250000000; 0: no limit.")
 ]
 
 
@@ -428,23 +498,24 @@ _EXAMPLES = {
 for _task in TASK_HELP:
     app.command(
         name=_task,
-        epilog="Examples:\n\n" + "".join(f"  {example}\n\n" for example in _EXAMPLES[_task]) + LICENSE_NOTE,
+        help=f"{TASK_HELP[_task]}\n\n{LICENSE_NOTE}",
+        epilog=_examples(*_EXAMPLES[_task]),
         no_args_is_help=True,
     )(_make_task_command(_task))
 
 
 # --- mprnet weights ... -------------------------------------------------------------------
 
-weights_app = typer.Typer(
+weights_app = _Typer(
     name="weights",
     help="List, download, locate and verify the published checkpoints (cached by huggingface_hub).",
-    epilog="Examples:\n\n  mprnet weights list\n\n  mprnet weights download all\n\n  mprnet weights verify deblur",
+    epilog=_examples("mprnet weights list", "mprnet weights download all", "mprnet weights verify deblur"),
     no_args_is_help=True,
 )
 app.add_typer(weights_app)
 
 TaskChoice = Annotated[str, typer.Argument(metavar="TASK", help="deblur, derain or denoise.", show_default=False)]
-TasksChoice = Annotated[str, typer.Argument(metavar="[TASK|all]", help="deblur, derain, denoise or all.")]
+TasksChoice = Annotated[str, typer.Argument(metavar="TASK|all", help="deblur, derain, denoise or all.")]
 
 
 def _tasks(choice: str, allow_all: bool = True) -> list[str]:
