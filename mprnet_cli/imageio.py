@@ -265,7 +265,13 @@ def format_for(path: Path) -> str:
 def encode_image(picture: Picture, fmt: str, quality: int = 95, label: str = "") -> bytes:
     """Encode to `fmt` ('PNG', 'JPEG', ...). 16-bit pixels stay 16-bit where the format
     allows; alpha is dropped (with a warning) where it does not. `label` names the output in
-    warnings (in a batch, they come from the writer while other images are being read)."""
+    warnings (in a batch, they come from the writer while other images are being read), and
+    what the encoders print (see `mprnet_cli.library_messages`)."""
+    with library_messages.collect(label or f"{fmt} output"):
+        return _encode(picture, fmt, quality, label)
+
+
+def _encode(picture: Picture, fmt: str, quality: int, label: str) -> bytes:
     where = f"{label}: " if label else ""
     pixels = picture.pixels
     if fmt == "JPEG" and _has_alpha(pixels):

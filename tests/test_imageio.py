@@ -357,3 +357,24 @@ def test_a_damaged_colour_profile_is_left_out_with_a_warning(caplog: pytest.LogC
     picture = decode_image(pil_bytes(Image.new("RGB", (8, 6)), "PNG", icc_profile=b"not a profile" * 20), "x.png")
     assert picture.icc_profile is None
     assert "x.png: its ICC colour profile is damaged; it is left out" in caplog.text
+
+
+def test_what_an_encoder_warns_is_one_line_naming_the_output(monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    import warnings
+
+    from mprnet_cli import library_messages
+
+    monkeypatch.setattr(library_messages, "_fallback_showwarning", warnings.showwarning)
+    monkeypatch.setattr(warnings, "showwarning", library_messages._show_warning)
+    original = imageio._pil_bytes
+
+    def chatty(*args: object, **options: object) -> bytes:
+        warnings.warn("encoder says hello", UserWarning, stacklevel=1)
+        warnings.warn("and again", UserWarning, stacklevel=1)
+        return original(*args, **options)
+
+    monkeypatch.setattr(imageio, "_pil_bytes", chatty)
+    encode_image(Picture(np.zeros((4, 4, 3), dtype=np.uint8)), "JPEG", label="out.jpg")
+    assert [r.getMessage() for r in caplog.records] == [
+        "out.jpg: encoder says hello (and 1 more message; MPRNET_DEBUG=1 shows them)"]
