@@ -607,7 +607,7 @@ def _restore_clip(restorer: Restorer, job: Job, encoding: Encoding, span: Span,
     problem = None
     if summary.damaged:
         where = "stdout" if job.target == STDIO else job.target
-        problem = InputError(f"{job.source}: {summary.damaged} damaged frame(s) or packet(s); what decoded "
+        problem = InputError(f"{job.source}: {summary.damaged} frame(s) damaged or missing; what decoded "
                              f"({summary.frames} frames) is restored in {where}", exit_code=1)
     return Outcome(job, error=problem, megapixels=summary.frames * summary.width * summary.height / 1e6,
                    seconds=summary.seconds, compute_seconds=summary.compute_seconds, frames=summary.frames,

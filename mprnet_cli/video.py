@@ -92,6 +92,10 @@ _TRANSFER_PQ, _TRANSFER_HLG = 16, 18
 #: The matrix names swscale takes, by FFmpeg's matrix number.
 _SWSCALE_MATRICES = {_MATRIX_BT709: "itu709", _MATRIX_FCC: "fcc", _MATRIX_BT470BG: "itu601", _MATRIX_SMPTE170M: "itu601",
                      _MATRIX_SMPTE240M: "smpte240m", _MATRIX_BT2020_NCL: "bt2020", _MATRIX_BT2020_CL: "bt2020"}
+#: x265 in PyAV 18.1's wheel corrupted its heap and aborted the process on 48x32, 40x40,
+#: 48x48 and 48x64 frames (64x16, 64x32, 56x48 and 32x64 went through): narrower frames are
+#: refused rather than risked.
+X265_MIN_WIDTH = 64
 #: Players take an untagged clip this tall or taller for HD (BT.709), shorter for SD (BT.601).
 HD_LINES = 720
 #: Container and stream tags that describe the old file rather than the clip.
@@ -307,6 +311,19 @@ def restore_video(
     return VideoSummary(frames, first.width, first.height, duration, damaged, time.perf_counter() - started, compute_seconds)
 
 
+def read_frames(source: str | Path | BinaryIO, span: Span = Span()) -> Iterator[tuple[int, np.ndarray]]:
+    """(pts, HxWx3 RGB pixels) for each frame of a clip, converted as `restore_video`
+    converts them (uint16 for deep colour): to build on the frames, or to compare a
+    restored clip with its input."""
+    label = str(source) if isinstance(source, (str, Path)) else "stdin"
+    av = import_av(label)
+    with _opened_input(av, source, label) as container:
+        reader = _Reader(av, container, label, span, copy_streams=False)
+        reader.first()
+        for frame, pts in reader.frames():
+            yield pts, reader.to_rgb(frame)
+
+
 @contextlib.contextmanager
 def _opened_input(av: ModuleType, source: str | Path | BinaryIO, label: str) -> Iterator[Any]:
     try:
@@ -331,7 +348,7 @@ def _reason(error: Exception) -> str:
 class _Reader:
     """Demuxes and decodes in a thread; frames come out as RGB arrays, packets to copy as they are."""
 
-    def __init__(self, av: ModuleType, container: Any, label: str, span: Span) -> None:
+    def __init__(self, av: ModuleType, container: Any, label: str, span: Span, copy_streams: bool = True) -> None:
         self._av, self._container, self._label, self._span = av, container, label, span
         if not container.streams.video:
             kind = "an audio-only file" if container.streams.audio else "no video stream"
@@ -340,7 +357,7 @@ class _Reader:
         if self.video.codec_context is None:
             raise InputError(f"{label}: the video codec is not supported by this FFmpeg build")
         self.video.thread_type = "AUTO"
-        self.copied = [s for s in container.streams if s.type in ("audio", "subtitle")]
+        self.copied = [s for s in container.streams if s.type in ("audio", "subtitle")] if copy_streams else []
         self.items: queue.Queue[object] = queue.Queue(QUEUE_DEPTH)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -351,8 +368,8 @@ class _Reader:
         self.offset = 0
 
     def first(self) -> _Source:
-        """Decode up to the first frame in the span (on the calling thread, so errors are
-        the caller's), then go on in a thread."""
+        """Decode up to the first frame in the span, on the calling thread, so that its
+        errors are the caller's; `start` goes on in a thread."""
         first = next(self._frames, None)
         if first is None:
             raise InputError(f"{self._label}: no frames decode in the video stream" if self._span.whole
@@ -371,10 +388,19 @@ class _Reader:
         rate = self.video.average_rate or self.video.guessed_rate or DEFAULT_RATE
         source = _Source(frame.width, frame.height, frame.format.name, self._deep, self._colour, rotation,
                          self.video.codec_context.name, self.video.time_base, rate, self._expected_frames(rate))
-        self._first = (frame, pts)
+        self._first: tuple[Any, int] | None = (frame, pts)
+        return source
+
+    def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="mprnet-video-reader", daemon=True)
         self._thread.start()
-        return source
+
+    def frames(self) -> Iterator[tuple[Any, int]]:
+        """(frame, pts) from the first on; copied packets are held on the way."""
+        if self._first is not None:
+            first, self._first = self._first, None
+            yield first
+        yield from self._frames
 
     def _expected_frames(self, rate: Fraction | None) -> int | None:
         """From the container, for progress only; None when it does not say."""
@@ -401,7 +427,7 @@ class _Reader:
     def _decoded(self) -> Iterator[tuple[Any, int]]:
         """(frame, pts) for each frame in the span, in presentation order; copied packets are queued on the way."""
         av, video, span = self._av, self.video, self._span
-        self.damaged = 0
+        self.damaged = self.decoded = 0
         self._held: deque[_Packet] = deque()
         if span.start:
             self._container.seek(int(span.start / video.time_base), stream=video, backward=True)
@@ -417,7 +443,7 @@ class _Reader:
                 self.damaged += 1
                 packet = None  # flush the decoder: the frames it holds are whole
             if packet is not None and packet.stream is not video:
-                if packet.dts is not None:
+                if packet.size:  # not the empty packet that ends each stream
                     self._held.append(_Packet(packet, self.copied.index(packet.stream)))
                 continue
             try:
@@ -440,18 +466,36 @@ class _Reader:
                 if span.after(index, seconds):
                     return
                 self.end_seconds = seconds + float((frame.duration or step) * video.time_base)
+                self.decoded += 1
                 yield frame, pts
             if packet is None:
                 break
+        if span.whole:
+            self.damaged += self._missing_at_end()
+
+    def _missing_at_end(self) -> int:
+        """Frames the container announces beyond those that decoded: a truncated file can
+        end cleanly for the demuxer. From the stream's frame count (MP4, MOV, AVI), else
+        Matroska's DURATION tag, else the file's duration when it holds nothing but the
+        video; 0 when it announces none of them (MPEG-TS)."""
+        video = self.video
+        if video.frames:
+            return max(video.frames - self.decoded, 0)
+        end = None  # not from video.duration: FFmpeg fills it from the longest stream's
+        if "DURATION" in video.metadata:
+            hours, minutes, seconds = video.metadata["DURATION"].split(":")
+            end = int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+        elif self._container.duration and len(self._container.streams) == 1:
+            end = self._container.duration / 1_000_000
+        rate = video.average_rate or video.guessed_rate
+        if end is None or not rate or not self.decoded:
+            return 0
+        return max(round((end - self.end_seconds) * rate), 0)
 
     def _run(self) -> None:
         """The thread: the first frame (already decoded), then the rest, then the end."""
         try:
-            frame, pts = self._first
-            self._first = None
-            if not self._send_frame(frame, pts):
-                return
-            for frame, pts in self._frames:
+            for frame, pts in self.frames():
                 if not self._send_frame(frame, pts):
                     return
             while self._held:  # the packets after the last frame (up to its end, for a part of the clip)
@@ -512,6 +556,9 @@ class _Writer:
     def _add_video(self, source: _Source, extension: str, encoding: Encoding) -> tuple[Any, str]:
         family = encoding.codec or _default_family(source, self._output)
         codec = CODECS[family]
+        if codec.encoder == "libx265" and source.width < X265_MIN_WIDTH:
+            raise OutputError(f"{self._label}: hevc is not written narrower than {X265_MIN_WIDTH} pixels here "
+                              f"({source.width}x{source.height}); use --codec h264 or ffv1")
         if not _container_takes(self._output, codec.encoder):
             raise OutputError(f"{self._label}: a {extension} file cannot hold {family} video; "
                               "choose another --codec or output extension")
@@ -602,7 +649,7 @@ class _Writer:
             if packet.pts is not None and packet.pts < shift:
                 return  # before the chosen part
             packet.pts = packet.pts - shift if packet.pts is not None else None
-            packet.dts = packet.dts - shift
+            packet.dts = packet.dts - shift if packet.dts is not None else None
         packet.stream = stream
         self._output.mux(packet)
 
@@ -634,6 +681,7 @@ def _run(av: ModuleType, restorer: Restorer, reader: _Reader, source: _Source, h
     writer = None
     try:
         writer = _Writer(av, output, source, reader, extension, encoding, label)
+        reader.start()
         compute = 0.0
         done = 0
         if progress is not None:
@@ -668,7 +716,9 @@ def _run(av: ModuleType, restorer: Restorer, reader: _Reader, source: _Source, h
 
 
 def _seconds(packet: Any) -> float:
-    return float(packet.dts * packet.time_base)
+    """When a packet is due: its decoding time, else its presentation time (Matroska stores no dts)."""
+    stamp = packet.dts if packet.dts is not None else packet.pts
+    return float((stamp or 0) * packet.time_base)
 
 
 def _container_takes(output: Any, codec_name: str) -> bool:
