@@ -273,6 +273,21 @@ class _End:
 _ABORT = object()
 
 
+@dataclass
+class _Transcoder:
+    """Sound for a container that cannot hold its codec: decoded by the input stream's own
+    decoder (which the reader leaves alone) and encoded anew; PyAV's encoder converts the
+    sample format, rate and frame size."""
+
+    source: Any
+    stream: Any
+
+    def encode(self, packet: Any | None) -> list[Any]:
+        """The packets for `packet`; None flushes the decoder and the encoder."""
+        packets = [p for frame in self.source.decode(packet) for p in self.stream.encode(frame)]
+        return packets + (self.stream.encode(None) if packet is None else [])
+
+
 def restore_video(
     restorer: Restorer,
     source: str | Path | BinaryIO,
@@ -580,6 +595,8 @@ class _Writer:
         """An output stream for a copied audio or subtitle stream, or None where the container cannot hold it."""
         name = stream.codec_context.name if stream.codec_context is not None else "unknown"
         if not _container_takes(self._output, name):
+            if stream.type == "audio":
+                return self._add_transcoder(stream, name)
             logger.warning("%s: a %s stream (%s) cannot go into this container and is left out; "
                            "choose .mkv to keep it", self._label, stream.type, name)
             return None
@@ -590,6 +607,19 @@ class _Writer:
             return None
         _copy_tags(stream.metadata, copy.metadata)
         return copy
+
+    def _add_transcoder(self, stream: Any, name: str) -> _Transcoder | None:
+        codec = next((c for c in ("libopus", "aac") if _container_takes(self._output, c)), None)
+        if codec is None:
+            logger.warning("%s: the sound (%s) cannot go into this container and is left out; "
+                           "choose .mkv to keep it", self._label, name)
+            return None
+        logger.warning("%s: the sound (%s) cannot go into this container; re-encoded as %s",
+                       self._label, name, codec.removeprefix("lib"))
+        rate = 48_000 if codec == "libopus" else stream.codec_context.sample_rate  # Opus runs at 48 kHz
+        encoded = self._output.add_stream(codec, rate=rate, layout=stream.codec_context.layout.name)
+        _copy_tags(stream.metadata, encoded.metadata)
+        return _Transcoder(stream, encoded)
 
     def put(self, item: object) -> None:
         """Queue an item, or raise the writer's error if it has stopped."""
@@ -613,8 +643,10 @@ class _Writer:
                 elif isinstance(item, _Packet):
                     self._mux_copy(item)
                 else:
-                    for packet in self.stream.encode():
-                        self._output.mux(packet)
+                    self._output.mux(self.stream.encode())
+                    for copy in self._copies:
+                        if isinstance(copy, _Transcoder):
+                            self._output.mux(copy.encode(None))
                     return
         except Exception as error:  # the caller's loop raises it on its next frame
             logger.debug("writing %s failed", self._label, exc_info=True)
@@ -635,8 +667,7 @@ class _Writer:
         if self.first_pts is None:
             self.first_pts = frame.pts
         self.end_pts = max(self.end_pts, frame.pts + (item.duration or 0))
-        for packet in self.stream.encode(frame):
-            self._output.mux(packet)
+        self._output.mux(self.stream.encode(frame))
         self.frames += 1
 
     def _mux_copy(self, item: _Packet) -> None:
@@ -650,6 +681,9 @@ class _Writer:
                 return  # before the chosen part
             packet.pts = packet.pts - shift if packet.pts is not None else None
             packet.dts = packet.dts - shift if packet.dts is not None else None
+        if isinstance(stream, _Transcoder):
+            self._output.mux(stream.encode(packet))
+            return
         packet.stream = stream
         self._output.mux(packet)
 

@@ -128,8 +128,7 @@ def clip_facts(path: Path) -> dict[str, object]:
         audio_seconds = None
         if container.streams.audio:
             container.seek(0)
-            audio = container.streams.audio[0]
-            audio_seconds = sum(p.duration or 0 for p in container.demux(audio) if p.dts is not None) * audio.time_base
+            audio_seconds = sum(frame.samples / frame.sample_rate for frame in container.decode(audio=0))
         return {
             "pts": [float(f.pts * video.time_base) for f in frames],
             "colour": (context.colorspace, context.color_range, context.color_primaries, context.color_trc),
@@ -282,14 +281,18 @@ def test_pipes_with_mkv(tmp_path: Path) -> None:
     assert after["pts"] == clip_facts(source)["pts"] and after["audio_seconds"] is not None
 
 
-def test_python_api(tmp_path: Path, restorer: Restorer) -> None:
-    source = make_clip(tmp_path / "clip.webm", frames=3, codec="libvpx-vp9", colour=None)
+def test_python_api_and_a_container_that_needs_other_codecs(tmp_path: Path, restorer: Restorer,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    source = make_clip(tmp_path / "clip.mp4", frames=3, audio=True)
     seen = []
     summary = restore_video(restorer, source, tmp_path / "out.webm", encoding=Encoding(crf=10),
                             progress=lambda done, total: seen.append((done, total)))
     assert (summary.frames, summary.width, summary.height, summary.damaged) == (3, 48, 32, 0)
     assert seen == [(0, 3), (1, 3), (2, 3), (3, 3)]
-    assert clip_facts(tmp_path / "out.webm")["codec"] == "vp9"
+    after = clip_facts(tmp_path / "out.webm")
+    assert after["codec"] == "vp9"  # WebM holds no H.264 (nor AAC: the sound is re-encoded as Opus)
+    assert abs(after["audio_seconds"] - clip_facts(source)["audio_seconds"]) <= 1024 / AUDIO_RATE
+    assert "the sound (aac) cannot go into this container; re-encoded as opus" in caplog.text
 
 
 def test_planning_keeps_clips_in_containers(tmp_path: Path) -> None:
