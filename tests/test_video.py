@@ -271,6 +271,16 @@ def test_odd_sizes_part_of_a_clip_and_a_fixed_tile_grid(tmp_path: Path, restorer
     np.testing.assert_array_equal(decoded[0], expected_frames(tiled, source, "yuv444p", span=Span(1, 2))[0])
 
 
+def test_start_and_end_in_seconds_cut_video_and_sound(tmp_path: Path) -> None:
+    source = make_clip(tmp_path / "clip.mp4", frames=8, audio=True)  # H.264: one keyframe, then seeking back
+    target = tmp_path / "part.mp4"
+    result = restore([str(source), "-o", str(target), "--start", "0.05", "--end", "0.12"])
+    assert result.exit_code == 0, result.stderr
+    after = clip_facts(target)
+    assert after["pts"] == pytest.approx([0, 1 / 30])  # the frames at 2/30 and 3/30 s
+    assert after["audio_seconds"] <= 2 / 30 + 2 * 1024 / AUDIO_RATE
+
+
 def test_pipes_with_mkv(tmp_path: Path) -> None:
     source = make_clip(tmp_path / "clip.mkv", frames=3, audio=True)
     result = restore(["-", "--ext", "mkv", "-o", "-"], input=source.read_bytes())
@@ -383,3 +393,20 @@ def test_interrupt_leaves_no_partial_file(tmp_path: Path) -> None:
     assert process.returncode == 130, stderr.decode()
     assert stdout == b""
     assert not target.exists() and not list(target.parent.glob("*"))
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--frames", "ten"], "for '--frames': 'ten': expected START:END frame numbers, such as 0:100, 50: or :25"),
+    (["--frames", "9:3"], "for '--frames': '9:3': END must be greater than START"),
+    (["--frames", "0:5", "--start", "1"], "for '--frames': give --frames or --start/--end, not both"),
+    (["--start", "2", "--end", "1"], "for '--end': 1.0: must come after --start (2.0)"),
+])
+def test_bad_parts_name_their_option(tmp_path: Path, options: list[str], message: str, monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from mprnet_cli.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["mprnet", "deblur", str(tmp_path / "clip.mp4"), *WEIGHTS, *options])
+    with pytest.raises(SystemExit) as exit_status:
+        main()
+    assert exit_status.value.code == 2
+    assert capsys.readouterr() == ("", f"error: Invalid value {message} (see `mprnet deblur --help`)\n")
