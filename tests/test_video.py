@@ -177,13 +177,13 @@ def restore(args: list[str], task: str = "deblur", options: list[str] = WEIGHTS,
 
 
 def test_a_clip_keeps_its_frames_timestamps_sound_colours_rotation_and_tags(tmp_path: Path, denoiser: Restorer) -> None:
-    source = make_clip(tmp_path / "clip.mp4", frames=6, audio=True, rotation=90)
+    source = make_clip(tmp_path / "clip.mp4", frames=4, audio=True, rotation=90)
     result = restore([str(source)], "denoise", LOSSY)
     target = tmp_path / "clip_denoised.mp4"
     assert result.exit_code == 0, result.stderr
-    assert result.stderr.startswith(f"{source} -> {target} (6 frames, 0.2 s of video, ")
+    assert result.stderr.startswith(f"{source} -> {target} (4 frames, 0.1 s of video, ")
     before, after = clip_facts(source), clip_facts(target)
-    assert after["pts"] == before["pts"] == pytest.approx([i / 30 for i in range(6)])
+    assert after["pts"] == before["pts"] == pytest.approx([i / 30 for i in range(4)])
     assert after["colour"] == before["colour"] == (BT709, LIMITED, BT709, BT709)
     assert after["rotation"] == before["rotation"] == 90
     assert after["title"] == "rainy test clip" and after["language"] == "fra"
@@ -191,12 +191,12 @@ def test_a_clip_keeps_its_frames_timestamps_sound_colours_rotation_and_tags(tmp_
     assert abs(after["audio_seconds"] - before["audio_seconds"]) <= 1024 / AUDIO_RATE
     decoded = [pixels for _, pixels in read_frames(target)]
     wanted = expected_frames(denoiser, source, "yuv420p")
-    assert len(decoded) == len(wanted) == 6
+    assert len(decoded) == len(wanted) == 4
     assert min(psnr(a, b) for a, b in zip(decoded, wanted)) >= LOSSY_PSNR
 
 
 def test_variable_frame_rate_in_ffv1_comes_back_exactly(tmp_path: Path, restorer: Restorer) -> None:
-    stamps = [0, 40, 90, 100, 170, 300]
+    stamps = [0, 40, 90, 300]
     source = make_clip(tmp_path / "vfr.mkv", codec="ffv1", time_base=Fraction(1, 1000), pts=stamps,
                        colour=(SMPTE170M, LIMITED, SMPTE170M, SMPTE170M))
     target = tmp_path / "out.mkv"
@@ -208,7 +208,7 @@ def test_variable_frame_rate_in_ffv1_comes_back_exactly(tmp_path: Path, restorer
     assert after["colour"] == (SMPTE170M, LIMITED, SMPTE170M, SMPTE170M)  # BT.601 in, BT.601 out
     decoded = [pixels for _, pixels in read_frames(target)]
     wanted = expected_frames(restorer, source, "yuv420p", colour="itu601")
-    assert len(decoded) == 6
+    assert len(decoded) == 4
     for got, want in zip(decoded, wanted):
         np.testing.assert_array_equal(got, want)
 
@@ -242,7 +242,7 @@ def test_bt709_red_is_converted_with_bt709_maths(tmp_path: Path) -> None:
 
 def test_ten_bit_is_restored_in_sixteen_bits_and_written_as_ten(tmp_path: Path, denoiser: Restorer) -> None:
     # 64 wide: x265 refuses narrower frames (mprnet_cli.video.X265_MIN_WIDTH).
-    source = make_clip(tmp_path / "deep.mkv", frames=3, width=64, height=48, codec="libx265", pixel_format="yuv420p10le",
+    source = make_clip(tmp_path / "deep.mkv", frames=2, width=64, height=48, codec="libx265", pixel_format="yuv420p10le",
                        options={"x265-params": "log-level=error"})
     target = tmp_path / "deep_out.mkv"
     result = restore([str(source), "-o", str(target)], "denoise", LOSSY)
@@ -256,12 +256,12 @@ def test_ten_bit_is_restored_in_sixteen_bits_and_written_as_ten(tmp_path: Path, 
 
 
 def test_odd_sizes_part_of_a_clip_and_a_fixed_tile_grid(tmp_path: Path, restorer: Restorer) -> None:
-    source = make_clip(tmp_path / "odd.mkv", frames=6, width=47, height=33, codec="ffv1", static=True)
+    source = make_clip(tmp_path / "odd.mkv", frames=4, width=47, height=33, codec="ffv1", static=True)
     target = tmp_path / "odd_out.mkv"
-    result = restore([str(source), "-o", str(target), "--frames", "1:4", "--tile", "32", "--tile-overlap", "8"])
+    result = restore([str(source), "-o", str(target), "--frames", "1:3", "--tile", "32", "--tile-overlap", "8"])
     assert result.exit_code == 0, result.stderr
     after = clip_facts(target)
-    part = clip_facts(source)["pts"][1:4]
+    part = clip_facts(source)["pts"][1:3]
     assert after["pts"] == pytest.approx([stamp - part[0] for stamp in part])  # the part starts at 0
     assert after["pixel_format"] == "yuv444p"  # 4:2:0 cannot cover an odd size
     decoded = [pixels for _, pixels in read_frames(target)]
@@ -272,7 +272,7 @@ def test_odd_sizes_part_of_a_clip_and_a_fixed_tile_grid(tmp_path: Path, restorer
 
 
 def test_start_and_end_in_seconds_cut_video_and_sound(tmp_path: Path) -> None:
-    source = make_clip(tmp_path / "clip.mp4", frames=8, audio=True)  # H.264: one keyframe, then seeking back
+    source = make_clip(tmp_path / "clip.mp4", frames=5, audio=True)  # H.264: one keyframe, then seeking back
     target = tmp_path / "part.mp4"
     result = restore([str(source), "-o", str(target), "--start", "0.05", "--end", "0.12"])
     assert result.exit_code == 0, result.stderr
@@ -362,14 +362,15 @@ def test_bad_clips_are_one_line_each(tmp_path: Path) -> None:
 
 
 def test_a_truncated_clip_restores_what_decodes(tmp_path: Path) -> None:
-    clip = make_clip(tmp_path / "clip.mkv", frames=8, codec="ffv1")
+    clip = make_clip(tmp_path / "clip.mkv", frames=6, codec="ffv1")
     data = clip.read_bytes()
-    clip.write_bytes(data[: len(data) * 3 // 4])
+    clip.write_bytes(data[: len(data) * 2 // 3])
     code, stderr = _one_error([str(clip)])
     assert code == 1
     restored = len(list(read_frames(tmp_path / "clip_deblurred.mkv")))
-    assert 1 <= restored < 8
-    assert stderr.startswith(f"error: {clip}: ") and f"what decoded ({restored} frames) is restored in " in stderr
+    assert 1 <= restored < 6
+    assert stderr == (f"error: {clip}: {6 - restored} frame(s) damaged or missing; what decoded ({restored} frames) "
+                      f"is restored in {tmp_path / 'clip_deblurred.mkv'}\n")
 
 
 def test_without_pyav_a_clip_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
