@@ -483,7 +483,7 @@ _EXAMPLES = {
         "mprnet deblur photo.jpg -o sharp.jpg",
         "mprnet deblur ./shots -r -o ./sharp --ext png  # a folder tree, mirrored",
         "mprnet deblur panorama.jpg --tile 512 --tile-blend split  # best seams",
-        "mprnet deblur clip.mp4 -o sharp.mp4 --frames 0:48  # a video: preview two seconds",
+        "mprnet deblur clip.mp4 -o sharp.mp4 --frames 0:48  # a video: try its first 48 frames",
     ],
     "derain": [
         "mprnet derain frame.png --device cuda",

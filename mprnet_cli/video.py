@@ -371,7 +371,8 @@ class _Reader:
         self.video = container.streams.video[0]
         if self.video.codec_context is None:
             raise InputError(f"{label}: the video codec is not supported by this FFmpeg build")
-        self.video.thread_type = "AUTO"
+        # Frame threading stays off (PyAV's default): decoding costs little beside the
+        # network, and threaded decoders were reported to hang when a loop leaves early.
         self.copied = [s for s in container.streams if s.type in ("audio", "subtitle")] if copy_streams else []
         self.items: queue.Queue[object] = queue.Queue(QUEUE_DEPTH)
         self._stop = threading.Event()
@@ -444,8 +445,9 @@ class _Reader:
         av, video, span = self._av, self.video, self._span
         self.damaged = self.decoded = 0
         self._held: deque[_Packet] = deque()
+        origin = video.start_time or 0  # --start and --end count from the clip's first timestamp
         if span.start:
-            self._container.seek(int(span.start / video.time_base), stream=video, backward=True)
+            self._container.seek(origin + int(span.start / video.time_base), stream=video, backward=True)
         index, last_pts, step = -1, None, 1
         demuxed = self._container.demux(video, *self.copied)
         while True:
@@ -475,12 +477,13 @@ class _Reader:
                     step = pts - last_pts
                 last_pts = pts
                 index += 1
-                seconds = float(pts * video.time_base)
+                seconds = float((pts - origin) * video.time_base)
                 if span.before(index, seconds):
                     continue
                 if span.after(index, seconds):
                     return
-                self.end_seconds = seconds + float((frame.duration or step) * video.time_base)
+                #: Where the last frame sent ends, on the stream's clock (as packets are timed).
+                self.end_seconds = float((pts + (frame.duration or step)) * video.time_base)
                 self.decoded += 1
                 yield frame, pts
             if packet is None:
@@ -505,7 +508,8 @@ class _Reader:
         rate = video.average_rate or video.guessed_rate
         if end is None or not rate or not self.decoded:
             return 0
-        return max(round((end - self.end_seconds) * rate), 0)
+        decoded_end = self.end_seconds - float((video.start_time or 0) * video.time_base)
+        return max(round((end - decoded_end) * rate), 0)
 
     def _run(self) -> None:
         """The thread: the first frame (already decoded), then the rest, then the end."""
