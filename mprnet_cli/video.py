@@ -560,7 +560,7 @@ class _Writer:
         self._av, self._output, self._label = av, output, label
         self._colour, self._deep = source.colour, source.deep
         self._offset = reader.offset
-        self.stream, self.family = self._add_video(source, extension, encoding)
+        self.stream = self._add_video(source, extension, encoding)
         _copy_tags(reader.video.metadata, self.stream.metadata)
         self._copies = [self._add_copy(stream) for stream in reader.copied]
         _copy_tags(reader._container.metadata, output.metadata)
@@ -572,7 +572,7 @@ class _Writer:
         self._thread = threading.Thread(target=self._run, name="mprnet-video-writer", daemon=True)
         self._thread.start()
 
-    def _add_video(self, source: _Source, extension: str, encoding: Encoding) -> tuple[Any, str]:
+    def _add_video(self, source: _Source, extension: str, encoding: Encoding) -> Any:
         family = encoding.codec or _default_family(source, self._output)
         codec = CODECS[family]
         if codec.encoder == "libx265" and source.width < X265_MIN_WIDTH:
@@ -593,7 +593,7 @@ class _Writer:
         context.color_primaries, context.color_trc = colour.primaries, colour.transfer
         if source.rotation is not None:
             stream.set_display_matrix(source.rotation)
-        return stream, family
+        return stream
 
     def _add_copy(self, stream: Any) -> Any | None:
         """An output stream for a copied audio or subtitle stream, or None where the container cannot hold it."""
