@@ -322,6 +322,22 @@ def test_planning_keeps_clips_in_containers(tmp_path: Path) -> None:
         plan_jobs([str(folder / "clip.mp4")], OutputNaming("deblur", output="-"))
 
 
+def test_a_folder_of_clips_and_photos(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    make_clip(folder / "clip.mkv", frames=2, codec="ffv1")
+    write_image(folder / "photo.png")
+    (folder / "notes.txt").write_text("not a picture")
+    out = tmp_path / "out"
+    result = restore([str(folder), "-o", str(out), "--ext", "jpg"])
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["clip.mkv", "photo.jpg"]
+    lines = result.stderr.splitlines()
+    assert lines[0] == f"skipped {folder / 'notes.txt'}: not an image"
+    assert lines[1].startswith(f"{folder / 'clip.mkv'} -> {out / 'clip.mkv'} (2 frames, 0.1 s of video, ")
+    assert lines[2].startswith(f"{folder / 'photo.png'} -> {out / 'photo.jpg'} (0.00 MP, ")
+    assert lines[3].startswith("2 done, 1 skipped, 0 failed; ")
+
+
 @pytest.mark.parametrize(("encoding", "message"), [
     (Encoding(codec="mpeg2"), "--codec mpeg2: expected one of h264, hevc, av1, vp9, ffv1"),
     (Encoding(codec="ffv1", crf=10), "--crf: ffv1 is lossless and takes no quality setting"),
