@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -582,6 +583,10 @@ class _Writer:
             raise OutputError(f"{self._label}: a {extension} file cannot hold {family} video; "
                               "choose another --codec or output extension")
         options = _encoder_options(codec, encoding, family)
+        if codec.encoder == "libsvtav1":
+            # SVT-AV1 prints a banner of settings on stderr, which is ours; errors only
+            # (it reads this when an encoder opens). A user's own setting wins.
+            os.environ.setdefault("SVT_LOG", "1")
         stream = self._output.add_stream(codec.encoder, rate=source.rate, options=options)
         stream.width, stream.height = source.width, source.height
         stream.pix_fmt = _pixel_format(codec.encoder, source, self._av)
