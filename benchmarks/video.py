@@ -12,6 +12,12 @@ enough to run. Run it under the shared CPU lock:
 
     flock /tmp/mprnet-cpu.lock python benchmarks/video.py                 # 8 frames of 1080p, derain
     python benchmarks/video.py --device cuda --frames 48                   # where a GPU is lent
+
+`--codecs` instead measures each codec family's default quality: a 4-frame 64x48 FFV1 clip
+restored by the tests' trained tiny denoiser, each frame of the encoded result against
+the image path's restore of the same decoded frame (RGB PSNR, through 4:2:0 and back).
+
+    flock /tmp/mprnet-cpu.lock python benchmarks/video.py --codecs
 """
 
 from __future__ import annotations
@@ -33,19 +39,22 @@ from mprnet_cli.model.restorer import Restorer
 from mprnet_cli.video import Encoding, restore_video
 
 
-def make_clip(path: Path, frames: int, width: int, height: int, rate: int = 30) -> None:
+def make_clip(path: Path, frames: int, width: int, height: int, rate: int = 30, codec: str = "libx264") -> None:
     import av
 
     rng = np.random.default_rng(0)
     rows, columns = np.mgrid[:height, :width].astype(np.float32)
+    options = {"crf": "18", "preset": "veryfast"} if codec == "libx264" else {}
+    scale = max(width / 1920, 0.02)  # the same waves, scaled to the frame
     with av.open(str(path), "w") as container:
-        video = container.add_stream("libx264", rate=rate, options={"crf": "18", "preset": "veryfast"})
+        video = container.add_stream(codec, rate=rate, options=options)
         video.width, video.height, video.pix_fmt = width, height, "yuv420p"
         context = video.codec_context
         context.colorspace = context.color_range = context.color_primaries = context.color_trc = 1
         sound = container.add_stream("aac", rate=48_000, layout="stereo")
         for index in range(frames):
-            waves = np.stack([np.sin((columns + 8 * index) / (60 + 9 * c) + rows / (45 + 7 * c)) for c in range(3)], -1)
+            waves = np.stack([np.sin((columns + 8 * scale * index) / ((60 + 9 * c) * scale) + rows / ((45 + 7 * c) * scale))
+                              for c in range(3)], -1)
             pixels = (0.5 + 0.35 * waves + rng.normal(0, 0.05, waves.shape)).clip(0, 1)
             frame = av.VideoFrame.from_ndarray((pixels * 255).astype(np.uint8), format="rgb24").reformat(
                 format="yuv420p", src_colorspace="itu709", dst_colorspace="itu709", src_color_range="JPEG",
@@ -62,6 +71,34 @@ def make_clip(path: Path, frames: int, width: int, height: int, rate: int = 30) 
         container.mux(sound.encode())
 
 
+def codec_quality() -> None:
+    """Each family's default CRF against the image path's restore of the same frames."""
+    import av
+
+    from mprnet_cli.video import CODECS, read_frames
+    from tests.trained_model import CHECKPOINT
+
+    restorer = Restorer.from_checkpoint(CHECKPOINT, precision="fp32", device="cpu")
+    with tempfile.TemporaryDirectory() as folder:
+        source = Path(folder) / "clip.mkv"
+        make_clip(source, 4, 64, 48, codec="ffv1")
+        wanted = []
+        for _, pixels in read_frames(source):
+            frame = av.VideoFrame.from_ndarray(restorer.restore_array(pixels), format="rgb24").reformat(
+                format="yuv420p", src_colorspace="itu709", dst_colorspace="itu709", src_color_range="JPEG",
+                dst_color_range="MPEG", interpolation="BICUBIC")
+            wanted.append(frame.to_ndarray(format="rgb24", src_colorspace="itu709", dst_colorspace="itu709",
+                                           src_color_range="MPEG", dst_color_range="JPEG", interpolation="BICUBIC"))
+        for family, codec in CODECS.items():
+            target = Path(folder) / f"{family}.mkv"
+            restore_video(restorer, source, target, encoding=Encoding(codec=family))
+            scores = []
+            for (_, got), want in zip(read_frames(target), wanted):
+                error = np.mean((got.astype(np.float64) - want) ** 2)
+                scores.append(round(10 * np.log10(255**2 / error), 1) if error else float("inf"))
+            print(json.dumps({"codec": family, "crf": codec.crf, "psnr_db": scores, "bytes": target.stat().st_size}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=TASKS, default="derain")
@@ -69,7 +106,11 @@ def main() -> None:
     parser.add_argument("--size", default="1920x1080", help="WIDTHxHEIGHT")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="auto")
+    parser.add_argument("--codecs", action="store_true", help="measure each codec's default quality instead")
     arguments = parser.parse_args()
+    if arguments.codecs:
+        codec_quality()
+        return
     width, height = (int(side) for side in arguments.size.split("x"))
 
     torch.manual_seed(0)
