@@ -24,6 +24,7 @@ from mprnet_cli.errors import CheckpointError, InputError, MprnetError, OutputEr
 if TYPE_CHECKING:
     from mprnet_cli.model.restorer import Restorer
     from mprnet_cli.pipeline import Job, Outcome, Plan
+    from mprnet_cli.video import Encoding, Span
 
 LICENSE_NOTE = (
     "The published MPRNet checkpoints are the authors' (Zamir et al., CVPR 2021), released under "
@@ -159,13 +160,16 @@ def _check_terminals(jobs: list[Job]) -> None:
 
 #: The panels of a task's help, in this order after the general options (help, quiet).
 IO_PANEL, MODEL_PANEL, TILING_PANEL, BATCH_PANEL = "Input and output", "Model", "Tiling", "Batch"
+VIDEO_PANEL = "Video"
 
 
 def _in_range(low: int, high: int | None = None):  # noqa: ANN202 - a Typer callback
     """Check a number's range in words, not in the help's placeholder (Typer's min= and
     max= print `[x>=0]` there, and answer "Input should be greater than or equal to 0")."""
 
-    def check(value: int) -> int:
+    def check(value: float | None) -> float | None:
+        if value is None:  # an optional one left out
+            return value
         if value < low or (high is not None and value > high):
             raise typer.BadParameter(f"{value}: expected {low} to {high}" if high is not None else
                                      f"{value}: expected {low} or more")
@@ -176,7 +180,8 @@ def _in_range(low: int, high: int | None = None):  # noqa: ANN202 - a Typer call
 
 Inputs = Annotated[
     list[str],
-    typer.Argument(metavar="INPUT", help="Image files, folders or glob patterns; - for standard input.", show_default=False),
+    typer.Argument(metavar="INPUT", help="Image or video files, folders or glob patterns; - for standard input.",
+                   show_default=False),
 ]
 OutputOption = Annotated[
     Optional[str],
@@ -282,16 +287,60 @@ SuffixOption = Annotated[
 ]
 ExtOption = Annotated[
     Optional[str], typer.Option("--ext", metavar="FORMAT", rich_help_panel=IO_PANEL,
-                                help="png, jpg, webp, tif or bmp. Default: the input's; PNG for -o -.")
+                                help="Images: png, jpg, webp, tif, bmp; clips: mp4, mkv, webm, mov, ts. Default: the input's.")
 ]
 OverwriteOption = Annotated[bool, typer.Option("--overwrite", rich_help_panel=BATCH_PANEL,
                                                help="Redo outputs that exist (default: skip them).")]
 FailFastOption = Annotated[bool, typer.Option("--fail-fast", rich_help_panel=BATCH_PANEL,
                                               help="Stop at the first image that fails.")]
+CodecOption = Annotated[
+    Optional[str], typer.Option("--codec", metavar="h264|hevc|av1|vp9|ffv1", rich_help_panel=VIDEO_PANEL,
+                                help="Default: the input's where mprnet encodes it, else h264.")
+]
+CrfOption = Annotated[
+    Optional[int], typer.Option("--crf", metavar="N", rich_help_panel=VIDEO_PANEL,
+                                help="Lower is better. Default: visually lossless (h264: 18).")
+]
+PresetOption = Annotated[
+    Optional[str], typer.Option("--preset", metavar="NAME", rich_help_panel=VIDEO_PANEL,
+                                help="Encoder speed: ultrafast..veryslow; 0-13 for av1.")
+]
+FramesOption = Annotated[
+    Optional[str], typer.Option("--frames", metavar="START:END", rich_help_panel=VIDEO_PANEL,
+                                help="Only frames START to END-1 (from 0; either optional).")
+]
+StartOption = Annotated[
+    Optional[float], typer.Option("--start", metavar="SECONDS", callback=_in_range(0), rich_help_panel=VIDEO_PANEL,
+                                  help="Restore each clip from this time on.")
+]
+EndOption = Annotated[
+    Optional[float], typer.Option("--end", metavar="SECONDS", callback=_in_range(0), rich_help_panel=VIDEO_PANEL,
+                                  help="Restore each clip up to this time.")
+]
 MaxPixelsOption = Annotated[
     int, typer.Option("--max-pixels", metavar="N", callback=_in_range(0), rich_help_panel=IO_PANEL, show_default=False,
                       help="Refuse images over N pixels. Default: 250000000; 0: no limit.")
 ]
+
+
+def _parse_span(frames: str | None, start: float | None, end: float | None) -> Span:
+    """`--frames 10:20` or `--start/--end` seconds, as the part of each clip to restore."""
+    from mprnet_cli.video import Span
+
+    if frames is not None and (start is not None or end is not None):
+        raise typer.BadParameter("give --frames or --start/--end, not both", param_hint="'--frames'")
+    if end is not None and end <= (start or 0.0):
+        raise typer.BadParameter(f"{end}: must come after --start ({start or 0})", param_hint="'--end'")
+    if frames is None:
+        return Span(start=start or None, end=end)
+    first, separator, stop = frames.partition(":")
+    if not separator or not all(part.strip().isdigit() for part in (first, stop) if part.strip()):
+        raise typer.BadParameter(f"{frames!r}: expected START:END frame numbers, such as 0:100, 50: or :25",
+                                 param_hint="'--frames'")
+    span = Span(first=int(first) if first.strip() else 0, stop=int(stop) if stop.strip() else None)
+    if span.stop is not None and span.stop <= span.first:
+        raise typer.BadParameter(f"{frames!r}: END must be greater than START", param_hint="'--frames'")
+    return span
 
 
 def _interrupt_on_sigterm() -> None:
@@ -316,8 +365,9 @@ class _Report:
         self.done = self.failed = 0
         self.megapixels = 0.0
         self.started = time.perf_counter()
-        self.bar = self.images = self.tiles = None
-        self.tiles_started = 0.0
+        self.bar = self.images = self.tiles = self.frames = None
+        self.tiles_started = self.frames_started = self.frames_logged = 0.0
+        self.clip = ""
         if not quiet and self.console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -330,13 +380,34 @@ class _Report:
             self.bar.start()
 
     def start(self, job: Job) -> None:
+        self.clip = job.source
         if self.bar is None:
             return
         if self.images is not None:
             self.bar.update(self.images, description=_one_line(job.source))
-        if self.tiles is not None:
-            self.bar.remove_task(self.tiles)
-            self.tiles = None
+        for task in (self.tiles, self.frames):
+            if task is not None:
+                self.bar.remove_task(task)
+        self.tiles = self.frames = None
+
+    #: Without a terminal, a clip's progress is a line this often (seconds).
+    FRAME_LINE_INTERVAL = 30.0
+
+    def frame_progress(self, done: int, total: int | None) -> None:
+        """A clip's frames: a bar with frames per second and ETA on a terminal, else a line
+        every FRAME_LINE_INTERVAL seconds for logs of long runs."""
+        now = time.perf_counter()
+        if done == 0:
+            self.frames_started = self.frames_logged = now
+            if self.bar is not None:
+                self.frames = self.bar.add_task("  frames", total=total, rate="")
+            return
+        rate = done / max(now - self.frames_started, 1e-9)
+        if self.bar is not None and self.frames is not None:
+            self.bar.update(self.frames, completed=done, rate=f"{rate:.2f} fps")
+        elif now - self.frames_logged >= self.FRAME_LINE_INTERVAL:
+            self.frames_logged = now
+            self._print(f"{self.clip}: {done}{f'/{total}' if total else ''} frames, {rate:.2f} fps")
 
     def tile_progress(self, done: int, total: int) -> None:
         if self.bar is None or total < 2:
@@ -360,7 +431,11 @@ class _Report:
             self.done += 1
             self.megapixels += outcome.megapixels
             target = "stdout" if job.target == STDIO else job.target
-            self._print(f"{job.source} -> {target} ({outcome.megapixels:.2f} MP, {outcome.seconds:.1f} s)")
+            if job.video is not None:
+                what = f"{outcome.frames} frames, {outcome.duration:.1f} s of video"
+            else:
+                what = f"{outcome.megapixels:.2f} MP"
+            self._print(f"{job.source} -> {target} ({what}, {outcome.seconds:.1f} s)")
         if self.images is not None:
             elapsed = time.perf_counter() - self.started
             self.bar.update(self.images, advance=1, rate=f"{self.megapixels / elapsed:.2f} MP/s")
@@ -418,6 +493,12 @@ def _make_task_command(task: str):  # noqa: ANN202 - Typer reads the signature o
         fail_fast: FailFastOption = False,
         max_pixels: MaxPixelsOption = 250_000_000,
         quality: QualityOption = 95,
+        codec: CodecOption = None,
+        crf: CrfOption = None,
+        preset: PresetOption = None,
+        frames: FramesOption = None,
+        start: StartOption = None,
+        end: EndOption = None,
         quiet: QuietOption = False,
     ) -> None:
         _configure_logging(quiet)
@@ -426,7 +507,11 @@ def _make_task_command(task: str):  # noqa: ANN202 - Typer reads the signature o
             tile_size = _parse_tile(tile)
             _check_tiling(tile_size, tile_overlap, tile_blend)
             _check_suffix(suffix)
-            from mprnet_cli import pipeline
+            span = _parse_span(frames, start, end)
+            from mprnet_cli import pipeline, video
+
+            encoding = video.Encoding(codec, crf, preset)
+            video.check_encoding(encoding)
 
             pipeline.check_device_options(device, precision)
             extension = pipeline.normalise_extension(ext)
@@ -440,7 +525,7 @@ def _make_task_command(task: str):  # noqa: ANN202 - Typer reads the signature o
                 return
             restorer = pipeline.load_restorer(task, weights, device, precision, tile=tile_size, tile_overlap=tile_overlap,
                                               tile_blend=tile_blend, progress_bar=_progress_bar(quiet))
-        _run_batch(restorer, plan, quality, max_pixels or None, extension, quiet, fail_fast)
+        _run_batch(restorer, plan, quality, max_pixels or None, extension, quiet, fail_fast, encoding, span)
 
     command.__doc__ = TASK_HELP[task]
     command.__name__ = task
@@ -448,17 +533,18 @@ def _make_task_command(task: str):  # noqa: ANN202 - Typer reads the signature o
 
 
 def _run_batch(restorer: Restorer, plan: Plan, quality: int, max_pixels: int | None, extension: str | None,
-               quiet: bool, fail_fast: bool) -> None:
+               quiet: bool, fail_fast: bool, encoding: Encoding, span: Span) -> None:
     from mprnet_cli import pipeline
     from mprnet_cli.imageio import FORMATS
 
     jobs = plan.jobs
     report = _Report(len(jobs), quiet)
-    stdout_format = FORMATS[extension] if extension else "PNG"
+    stdout_format = FORMATS.get(extension or "", "PNG")  # a video container names the clips' format
     interrupted = False
     first_error = None
     outcomes = pipeline.run_jobs(restorer, jobs, quality=quality, max_pixels=max_pixels,
-                                 stdout_format=stdout_format, on_start=report.start, on_tiles=report.tile_progress)
+                                 stdout_format=stdout_format, encoding=encoding, span=span, on_start=report.start,
+                                 on_tiles=report.tile_progress, on_frames=report.frame_progress)
     try:
         for outcome in outcomes:
             report.outcome(outcome)
@@ -483,15 +569,18 @@ _EXAMPLES = {
         "mprnet deblur photo.jpg -o sharp.jpg",
         "mprnet deblur ./shots -r -o ./sharp --ext png  # a folder tree, mirrored",
         "mprnet deblur panorama.jpg --tile 512 --tile-blend split  # best seams",
+        "mprnet deblur clip.mp4 -o sharp.mp4 --frames 0:48  # a video: try its first 48 frames",
     ],
     "derain": [
         "mprnet derain frame.png --device cuda",
         "mprnet derain './rainy/*.jpg' -o ./clean --overwrite",
         "mprnet derain frame.png --weights model_deraining.pth  # a local checkpoint",
+        "mprnet derain dashcam.mkv --codec hevc --crf 22  # sound, timing and colours kept",
     ],
     "denoise": [
         "cat noisy.png | mprnet denoise - -o - > clean.png",
         "mprnet denoise scan.tif -o clean.tif --precision fp32  # 16-bit, exact reference",
+        "cat night.mkv | mprnet denoise - --ext mkv -o - > clean.mkv",
     ],
 }
 

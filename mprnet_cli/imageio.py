@@ -13,14 +13,16 @@ import contextlib
 import io
 import logging
 import os
-import secrets
 import re
+import secrets
 import stat
 import struct
 import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
@@ -355,13 +357,22 @@ def _keep_mode(path: Path, descriptor: int) -> None:
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that readers only ever see the old file or the whole new one."""
+    with atomic_file(path) as handle:
+        handle.write(data)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A new file that appears at `path` whole, and only if the block ends without an error:
+    a temporary file beside it, synced, then renamed over it (a video writer streams into
+    it for hours; an interrupt leaves nothing behind)."""
     # Short, so that a target name near the file system's limit still fits.
     temporary = path.with_name(f".mprnet-{secrets.token_hex(4)}.partial")
     try:
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(descriptor, "wb") as handle:
             _keep_mode(path, handle.fileno())
-            handle.write(data)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)

@@ -7,11 +7,19 @@ A batch runs as three stages joined by small bounded queues: a reader thread dec
 the next images, the calling thread runs the network, and a writer thread encodes and
 writes finished ones. Decoding and encoding hide behind compute, and memory stays flat
 however many files there are.
+
+Video clips (known by their extension) are planned, named, skipped and reported like
+images, and each is restored in its own streaming pass by `mprnet_cli.video`. A
+clip's output stays a clip: `--ext` with an image format re-formats the images of a
+batch and leaves its clips in their own containers; `--ext` with a video container
+(mkv, mp4...) re-muxes the clips and leaves the images alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import itertools
 import logging
 import os
 import queue
@@ -30,6 +38,7 @@ from mprnet_cli.imageio import (FORMATS, Picture, decode_image, encode_image, fo
                                 readable_extensions, write_atomic)
 from mprnet_cli.model.restorer import Progress, Restorer
 from mprnet_cli.tiling import DEFAULT_BLEND, DEFAULT_OVERLAP
+from mprnet_cli.video import CONTAINERS, PIPE_CONTAINERS, Encoding, FrameProgress, Span, is_video_path
 from mprnet_cli.weights import resolve_checkpoint
 
 STDIO = "-"
@@ -50,10 +59,12 @@ WRITE_WAIT_SHARE = 0.05
 
 @dataclass(frozen=True)
 class Job:
-    """One image to restore: paths, or `-` for stdin/stdout."""
+    """One image or clip to restore: paths, or `-` for stdin/stdout."""
 
     source: str
     target: str
+    #: For a clip, the output container's extension (`.mp4`); None for an image.
+    video: str | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +87,9 @@ class Outcome:
     seconds: float = 0.0
     #: Time the network spent on this image (the rest is decoding, encoding and waiting).
     compute_seconds: float = 0.0
+    #: For a clip: frames written, and the seconds of video they last.
+    frames: int = 0
+    duration: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -95,9 +109,9 @@ class OutputNaming:
 
 
 def _looks_like_an_image(path: Path, image_extensions: set[str]) -> bool:
-    """Known image extensions are taken on trust (a broken one fails visibly later);
-    anything else is sniffed, so an image is known by its content."""
-    return path.suffix.lower() in image_extensions or opens_as_an_image(path)
+    """Known image and video extensions are taken on trust (a broken one fails visibly
+    later); anything else is sniffed, so an image is known by its content."""
+    return path.suffix.lower() in image_extensions or is_video_path(path) or opens_as_an_image(path)
 
 
 def _is_hidden(relative: Path) -> bool:
@@ -129,14 +143,19 @@ def _is_broken_link(path: Path) -> bool:
 
 def default_target(source: Path, task: str) -> Path:
     """`photo.jpg` -> `photo_deblurred.jpg`, beside the input; never the input itself."""
-    extension = source.suffix if source.suffix.lower() in FORMATS else DEFAULT_EXTENSION
-    return source.with_name(f"{source.stem}{TASK_SUFFIXES[task]}{extension}")
+    return source.with_name(f"{source.stem}{TASK_SUFFIXES[task]}{_own_extension(source)}")
+
+
+def _own_extension(source: Path) -> str:
+    """An image keeps its format where we write it, a clip its container."""
+    return source.suffix if source.suffix.lower() in FORMATS or is_video_path(source) else DEFAULT_EXTENSION
 
 
 def _extension_for(source: Path, naming: OutputNaming) -> str:
-    if naming.extension:
+    """`--ext` applies to inputs of its own kind: an image format to images, a container to clips."""
+    if naming.extension and (naming.extension in CONTAINERS) == is_video_path(source):
         return naming.extension
-    return source.suffix if source.suffix.lower() in FORMATS else DEFAULT_EXTENSION
+    return _own_extension(source)
 
 
 def normalise_extension(extension: str | None) -> str | None:
@@ -144,9 +163,10 @@ def normalise_extension(extension: str | None) -> str | None:
     if extension is None or extension.lower() == "auto":
         return None
     extension = "." + extension.lower().lstrip(".")
-    if extension not in FORMATS:
+    if extension not in FORMATS and extension not in CONTAINERS:
         raise OutputError(f"--ext {extension[1:]}: not a format mprnet writes; use one of "
-                          f"{', '.join(sorted(e[1:] for e in FORMATS))}")
+                          f"{', '.join(sorted(e[1:] for e in FORMATS))} for images, "
+                          f"{', '.join(e[1:] for e in CONTAINERS)} for videos")
     return extension
 
 
@@ -165,29 +185,32 @@ def _plan(inputs: list[str], naming: OutputNaming) -> Plan:
         raise InputError("`-` (standard input) cannot be mixed with other inputs")
     if inputs == [STDIO]:
         target = naming.output or STDIO
+        # A clip on standard input is announced by its output: --ext mkv, or -o clip.mkv.
+        video = naming.extension in CONTAINERS or (target != STDIO and is_video_path(target))
         if target != STDIO:
             if Path(target).is_dir() or target.endswith(("/", os.sep)):
                 raise OutputError(f"{target}: one image from standard input needs an output file name, or -o -")
-            _named_output(naming)
+            _named_output(naming, video)
             _check_writable(Path(target).parent, set())
-        return Plan([Job(STDIO, target)])
+        return Plan([Job(STDIO, target, _container(target, naming) if video else None)])
 
     sources, named, skipped, batch = _collect_sources(inputs, naming.recursive)
     if not sources:
-        raise InputError("no images found in " + ", ".join(inputs) + (" (hidden and non-image files are skipped)" if skipped else ""))
+        raise InputError("no images or videos found in " + ", ".join(inputs) + (" (hidden and non-image files are skipped)" if skipped else ""))
     directory = _output_directory(naming.output, batch)
     if naming.output == STDIO and (batch or len(sources) > 1):
         raise OutputError("-o - writes one image to standard output; give one input, or an output directory")
 
     targets = [_target_for(source, relative, directory, naming) for source, relative in sources]
     renamed = _keep_source_extensions(sources, named, targets, directory, naming)
+    videos = [_container(target, naming) if is_video_path(source) else None for (source, _), target in zip(sources, targets)]
     resolved_targets = [None if target == STDIO else Path(target).resolve() for target in targets]
     # A folder restored before holds its outputs beside their inputs: those are results, not inputs.
     produced_by = {resolved: source for (source, _), resolved in zip(sources, resolved_targets) if resolved}
     jobs, renamed_jobs, seen, writable = [], [], {}, set()
-    for index, ((source, _), target, resolved) in enumerate(zip(sources, targets, resolved_targets)):
+    for index, ((source, _), target, resolved, video) in enumerate(zip(sources, targets, resolved_targets, videos)):
         if index in renamed:
-            renamed_jobs.append(Job(str(source), target))
+            renamed_jobs.append(Job(str(source), target, video))
         resolved_source = source.resolve()
         maker = produced_by.get(resolved_source)
         if maker is not None and maker != source:
@@ -206,7 +229,7 @@ def _plan(inputs: list[str], naming: OutputNaming) -> Plan:
                 skipped.append((str(source), f"{target} exists (use --overwrite to redo it)"))
                 continue
             _check_writable(Path(target).parent, writable)
-        jobs.append(Job(str(source), target))
+        jobs.append(Job(str(source), target, video))
     return Plan(jobs, skipped, batch, renamed_jobs)
 
 
@@ -304,7 +327,8 @@ def _output_directory(output: str | None, batch: bool) -> Path | None:
     if batch or path.is_dir() or output.endswith(("/", os.sep)):
         if path.exists() and not path.is_dir():
             raise OutputError(f"{output}: is a file; with several inputs or a directory, -o must be a directory")
-        if not path.exists() and path.suffix.lower() in FORMATS and not output.endswith(("/", os.sep)):
+        looks_like_a_file = path.suffix.lower() in FORMATS or is_video_path(path)
+        if not path.exists() and looks_like_a_file and not output.endswith(("/", os.sep)):
             raise OutputError(f"{output}: several inputs need an output directory, not a file name "
                               f"(for a directory of that name, write {output}/)")
         return path
@@ -316,7 +340,7 @@ def _target_for(source: Path, relative: Path, directory: Path | None, naming: Ou
     if naming.output == STDIO:
         return STDIO
     if directory is None and naming.output is not None:
-        return _named_output(naming)
+        return _named_output(naming, is_video_path(source))
     suffix = naming.suffix if naming.suffix is not None else ("" if directory else TASK_SUFFIXES[naming.task])
     name = f"{source.name if keep_extension else source.stem}{suffix}{_extension_for(source, naming)}"
     if directory is None:
@@ -329,13 +353,33 @@ def check_device_options(device: str, precision: str) -> None:
     resolve_precision(precision, resolve_device(device))
 
 
-def _named_output(naming: OutputNaming) -> str:
-    """`-o FILE`, checked: a format it names, and no `--ext` that says otherwise."""
+def _named_output(naming: OutputNaming, video: bool) -> str:
+    """`-o FILE`, checked: a format it names, of the input's kind (image or clip), and no
+    `--ext` of that kind that says otherwise."""
     output = str(naming.output)
-    fmt = format_for(Path(output))
-    if naming.extension and FORMATS[naming.extension] != fmt:
+    extension = Path(output).suffix.lower()
+    if video:
+        if extension not in CONTAINERS:
+            raise OutputError(f"{output}: a video is written as a video; use one of {', '.join(CONTAINERS)}")
+        contradicts = naming.extension in CONTAINERS and CONTAINERS[naming.extension] != CONTAINERS[extension]
+    else:
+        if extension in CONTAINERS:
+            raise OutputError(f"{output}: an image cannot be written as a video; give an image file name")
+        fmt = format_for(Path(output))
+        contradicts = naming.extension in FORMATS and FORMATS[naming.extension] != fmt
+    if contradicts:
         raise OutputError(f"--ext {naming.extension.lstrip('.')} contradicts -o {output}; drop one of them")
     return output
+
+
+def _container(target: str, naming: OutputNaming) -> str:
+    """A clip's output container: its file's extension, or for stdout `--ext`, which must stream."""
+    if target != STDIO:
+        return Path(target).suffix.lower()
+    if naming.extension not in PIPE_CONTAINERS:
+        raise OutputError("-o -: a video on standard output needs --ext mkv or --ext ts "
+                          "(mp4 and the others seek back to finish the file)")
+    return naming.extension
 
 
 def load_restorer(
@@ -382,15 +426,24 @@ def _write(picture: Picture, target: str, stdout_format: str, quality: int) -> N
         _write_stdout(data)
         return
     path = Path(target)
+    with _folders_for(path):
+        write_atomic(path, data)
+
+
+@contextlib.contextmanager
+def _folders_for(path: Path) -> Iterator[None]:
+    """Make the folders `path` needs; if the block fails, remove those it made."""
     made: list[Path] = []
     try:
         made = _missing_folders(path.parent)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, data)
-    except BaseException as error:
+    except OSError as error:  # looking for or making the folders
         _remove_if_empty(made)
-        if isinstance(error, OSError):  # looking for or making the folders
-            raise OutputError(f"{path.parent}: cannot create the output directory ({error.strerror or error})") from None
+        raise OutputError(f"{path.parent}: cannot create the output directory ({error.strerror or error})") from None
+    try:
+        yield
+    except BaseException:
+        _remove_if_empty(made)
         raise
 
 
@@ -529,18 +582,67 @@ def run_jobs(
     quality: int = 95,
     max_pixels: int | None = None,
     stdout_format: str = "PNG",
+    encoding: Encoding = Encoding(),
+    span: Span = Span(),
     on_start: Callable[[Job], None] | None = None,
     on_tiles: Progress | None = None,
+    on_frames: FrameProgress | None = None,
 ) -> Iterator[Outcome]:
-    """Restore every job, yielding one `Outcome` per job as each is written.
+    """Restore every job in order, yielding one `Outcome` per job as each is written.
 
-    `on_start(job)` is called as a job reaches the network, and `on_tiles(done, total)`
-    as the tiles of a tiled image finish.
+    `on_start(job)` is called as a job reaches the network, `on_tiles(done, total)` as the
+    tiles of a tiled image finish, and `on_frames(done, total)` as a clip's frames do.
+    Clips are encoded as `encoding` says, and only their `span`.
 
     Errors stay per job. If the caller stops early (an exception, an interrupt, or simply
     not iterating further), images already restored are still written completely, and
-    nothing is left half-written.
+    nothing is left half-written (an interrupted clip is not written at all).
     """
+    for is_video, group in itertools.groupby(jobs, key=lambda job: job.video is not None):
+        if is_video:
+            for job in group:
+                yield _restore_clip(restorer, job, encoding, span, on_start, on_frames)
+        else:
+            yield from _run_images(restorer, list(group), quality, max_pixels, stdout_format, on_start, on_tiles)
+
+
+def _restore_clip(restorer: Restorer, job: Job, encoding: Encoding, span: Span,
+                  on_start: Callable[[Job], None] | None, on_frames: FrameProgress | None) -> Outcome:
+    """One clip, start to end, as an `Outcome`; an interrupt leaves no output and goes on up."""
+    from mprnet_cli import video
+
+    started = time.perf_counter()
+    if on_start is not None:
+        on_start(job)
+    try:
+        if job.source == STDIO and sys.stdin is None:
+            raise InputError("-: standard input is closed")
+        if job.target == STDIO and sys.stdout is None:
+            raise OutputError("standard output is closed; give -o a file or a directory")
+        source = sys.stdin.buffer if job.source == STDIO else job.source
+        target = sys.stdout.buffer if job.target == STDIO else job.target
+        with contextlib.nullcontext() if job.target == STDIO else _folders_for(Path(job.target)):
+            summary = video.restore_video(restorer, source, target, container=job.video, encoding=encoding,
+                                          span=span, progress=on_frames)
+    except MprnetError as error:
+        return Outcome(job, error=error, seconds=time.perf_counter() - started)
+    except Exception as error:  # keep it per clip, as images do
+        logger.debug("restoring %s failed", job.source, exc_info=True)
+        error = MprnetError(f"{job.source}: cannot restore ({type(error).__name__}: {error})")
+        return Outcome(job, error=error, seconds=time.perf_counter() - started)
+    problem = None
+    if summary.damaged:
+        where = "stdout" if job.target == STDIO else job.target
+        problem = InputError(f"{job.source}: {summary.damaged} frame(s) damaged or missing; what decoded "
+                             f"({summary.frames} frames) is restored in {where}", exit_code=1)
+    return Outcome(job, error=problem, megapixels=summary.frames * summary.width * summary.height / 1e6,
+                   seconds=summary.seconds, compute_seconds=summary.compute_seconds, frames=summary.frames,
+                   duration=summary.duration)
+
+
+def _run_images(restorer: Restorer, jobs: list[Job], quality: int, max_pixels: int | None, stdout_format: str,
+                on_start: Callable[[Job], None] | None, on_tiles: Progress | None) -> Iterator[Outcome]:
+    """The image batch: reader and writer threads around the network loop."""
     stages = _Stages(jobs, quality, max_pixels, stdout_format)
     try:
         while True:

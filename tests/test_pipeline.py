@@ -215,7 +215,7 @@ def test_batch_refusals(tree: Path, tmp_path: Path) -> None:
         plan_jobs([str(tree)], OutputNaming("deblur", output=str(a_file)))
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(InputError, match="no images found in"):
+    with pytest.raises(InputError, match="no images or videos found in"):
         plan_jobs([str(empty)], OutputNaming("deblur"))
     photo = write_image(tmp_path / "p.png")
     with pytest.raises(OutputError, match="refusing to overwrite the input"):

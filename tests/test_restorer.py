@@ -259,6 +259,18 @@ def test_auto_tile_shape_follows_the_memory_budget(monkeypatch: pytest.MonkeyPat
     assert restorer.tiles_per_batch((560, 976)) == 1
 
 
+def test_same_tiles_holds_one_shape_while_the_free_memory_moves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A clip's frames keep one tile grid, so its seams stay still from frame to frame."""
+    restorer = Restorer(_identity_model(), device="cpu")
+    per_pixel = restorer.bytes_per_pixel()
+    monkeypatch.setattr(restorer_module, "memory_budget", lambda device: per_pixel * 300 * 300)
+    with restorer.same_tiles(400, 300) as shape:
+        monkeypatch.setattr(restorer_module, "memory_budget", lambda device: per_pixel * 4000 * 4000)
+        assert shape == restorer.tile_shape_for(400, 300) == (400, 168)
+        assert restorer.tile_shape_for(200, 300) is None  # other sizes follow the memory as before
+    assert restorer.tile_shape_for(400, 300) is None  # released: the whole image fits now
+
+
 def test_auto_tiles_per_batch_on_cuda_fill_the_free_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     restorer = Restorer(_identity_model(), device="cpu")
     restorer.device = torch.device("cuda")

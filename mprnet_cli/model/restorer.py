@@ -168,6 +168,7 @@ class Restorer:
             _release_freed_memory_before_stage3(self.model)
         self.tile, self.tile_overlap, self.tile_blend, self.tile_batch = tile, tile_overlap, tile_blend, tile_batch
         self._bytes_per_pixel: float | None = None
+        self._held_shapes: dict[tuple[int, int], tuple[int, int] | None] = {}
         # Not on ROCm, which PyTorch also calls "cuda": measured on NVIDIA GPUs only.
         use_graphs = cuda_graphs and self.device.type == "cuda" and torch.version.hip is None
         self._graphs = GraphReplay(self.device) if use_graphs else None
@@ -285,12 +286,29 @@ class Restorer:
         With `tile=None`: the whole image when it fits the memory budget (and, on the CPU,
         the latency cap), else the fewest tiles that do, sized to waste little on overlap.
         """
+        if (height, width) in self._held_shapes:
+            return self._held_shapes[(height, width)]
         if self.tile is not None:
             return (self.tile, self.tile) if self.tile else None
         pixels = self._pixels_that_fit()
         if self.device.type == "cpu":
             pixels = min(pixels, CPU_TILE_CAP**2)
         return plan_tile_shape(height, width, pixels, self.tile_overlap)
+
+    @contextlib.contextmanager
+    def same_tiles(self, height: int, width: int) -> Iterator[tuple[int, int] | None]:
+        """Restore every image of this size in the block with one tile shape, chosen now.
+
+        Auto tiling reads the free memory, which moves as a process runs; a sequence of
+        frames cut by one grid keeps its seams still, where a grid that changed between
+        frames would make them flicker. Yields the shape (None: whole images).
+        """
+        shape = self.tile_shape_for(height, width)
+        self._held_shapes[(height, width)] = shape
+        try:
+            yield shape
+        finally:
+            del self._held_shapes[(height, width)]
 
     def tiles_per_batch(self, shape: tuple[int, int]) -> int:
         """On a GPU one small tile leaves most of the device idle: batch as many as fit."""
