@@ -9,6 +9,9 @@ is the same arithmetic as the per-patch formulation, in fewer and larger calls.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -158,7 +161,13 @@ def _join(x: Tensor, dim: int) -> Tensor:
 
 
 class ChannelAttention(nn.Module):
-    """Squeeze-and-excitation: a gate per channel, computed from the channel means."""
+    """Squeeze-and-excitation: a gate per channel, computed from the channel means.
+
+    With a `window` (the test-time local converter, `MPRNet.local_attention`), the means
+    are taken over that window around each pixel instead of over the whole map, and the
+    gate varies across the image; a window that covers the map is the global mean, taken
+    the global way, so its output is unchanged to the bit.
+    """
 
     def __init__(self, channels: int, reduction: int, bias: bool) -> None:
         super().__init__()
@@ -168,10 +177,55 @@ class ChannelAttention(nn.Module):
             nn.Conv2d(channels // reduction, channels, 1, bias=bias),
             nn.Sigmoid(),
         )
+        self.window: tuple[int, int] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        """The BxCx1x1 gate for `x`; the caller applies it (fused with its residual sum)."""
-        return self.conv_du(_spatial_mean(x))
+        """The gate for `x`, BxCx1x1 (or BxCxHxW with a local window); the caller applies it
+        (fused with its residual sum)."""
+        height, width = x.shape[-2:]
+        if self.window is None or (self.window[0] >= height and self.window[1] >= width):
+            return self.conv_du(_spatial_mean(x))
+        # The gate's 1x1 convolutions act per pixel, so they run on the windows that lie
+        # inside the map and the gate is edge-replicated after, on the narrower tensor.
+        return replicate_to(self.conv_du(local_mean(x, self.window)), height, width)
+
+
+def local_mean(x: Tensor, window: tuple[int, int]) -> Tensor:
+    """The mean of each window of `x` (BxCxHxW) that lies wholly inside the map, stride 1:
+    Bx C x (H - h + 1) x (W - w + 1) for the window (h, w), each side clamped to the map's.
+
+    Box sums from running sums (an integral image, taken one axis at a time), so the cost
+    does not grow with the window; accumulated in fp32 (fp64 for fp64 input) and each
+    axis's running sum differenced at once, which keeps its rounding to that of a sum along
+    one row or column. The result has `x`'s dtype, as the global mean has.
+    """
+    height, width = x.shape[-2:]
+    window_height, window_width = min(window[0], height), min(window[1], width)
+    accumulate = torch.float64 if x.dtype == torch.float64 else torch.float32
+    rows = _box_sums(x.to(accumulate), window_width, dim=-1)
+    boxes = _box_sums(rows, window_height, dim=-2)
+    return boxes.div_(window_height * window_width).to(x.dtype)
+
+
+def _box_sums(x: Tensor, length: int, dim: int) -> Tensor:
+    """Sums of `length` consecutive values along `dim`, for every start that fits."""
+    running = x.cumsum(dim)
+    size = x.shape[dim]
+    sums = running.narrow(dim, length - 1, size - length + 1).clone()
+    if size > length:
+        sums.narrow(dim, 1, size - length).sub_(running.narrow(dim, 0, size - length))
+    return sums
+
+
+def replicate_to(x: Tensor, height: int, width: int) -> Tensor:
+    """Edge-replicate `x` out to height x width: half the missing rows (rounded down) before,
+    the rest after, and likewise for columns (the border rule of Chu et al.)."""
+    missing_height, missing_width = height - x.shape[-2], width - x.shape[-1]
+    if not missing_height and not missing_width:
+        return x
+    padding = (missing_width // 2, missing_width - missing_width // 2, missing_height // 2,
+               missing_height - missing_height // 2)
+    return F.pad(x, padding, mode="replicate")
 
 
 def _spatial_mean(x: Tensor) -> Tensor:
@@ -424,7 +478,11 @@ class ShallowFeatures(nn.Sequential):
 
 class MPRNet(nn.Module):
     """The three-stage network. `forward` takes images whose sides are multiples of
-    `SIZE_MULTIPLE` and returns the (stage 3, stage 2, stage 1) restored images."""
+    `SIZE_MULTIPLE` and returns the (stage 3, stage 2, stage 1) restored images.
+
+    `local_attention(train_size)` switches on the test-time local converter (TLC) for the
+    forwards run inside it.
+    """
 
     def __init__(self, config: MPRNetConfig) -> None:
         super().__init__()
@@ -442,6 +500,61 @@ class MPRNet(nn.Module):
         self.concat12 = _conv(2 * config.n_feat, config.n_feat, config.kernel_size, config.bias)
         self.concat23 = _conv(2 * config.n_feat, config.orsnet_width, config.kernel_size, config.bias)
         self.tail = _conv(config.orsnet_width, config.out_c, config.kernel_size, config.bias)
+
+    @contextlib.contextmanager
+    def local_attention(self, train_size: int | None) -> Iterator[None]:
+        """Inside, every channel attention averages over a local window (Chu et al., ECCV
+        2022) fitted to the crops the weights were trained on (`train_size` square); None
+        leaves the global means. Outside, as before: the model may be shared."""
+        attentions = [module for module in self.modules() if isinstance(module, ChannelAttention)]
+        windows = self.tlc_windows(train_size) if train_size is not None else [None] * len(attentions)
+        saved = [attention.window for attention in attentions]
+        try:
+            for attention, window in zip(attentions, windows):
+                attention.window = window
+            yield
+        finally:
+            for attention, window in zip(attentions, saved):
+                attention.window = window
+
+    def tlc_windows(self, train_size: int) -> list[tuple[int, int]]:
+        """Each channel attention's window, in `modules()` order: 1.5 times the map it sees
+        when the input is a `train_size` square, rounded down, as TLC fixes them.
+
+        The maps are read off a forward at `SIZE_MULTIPLE` square, where each is the same
+        fraction of the input as at any multiple of it: stage 1's encoder sees quarters (at
+        256: 128, 64, 32 over its levels, so windows of 192, 96, 48), its decoder and stage
+        2's encoder halves (128x256, 64x128, 32x64: windows twice as wide), stage 2's decoder
+        and stage 3 the whole image (256: windows of 384). Kept per train size.
+        """
+        if train_size % SIZE_MULTIPLE or train_size < SIZE_MULTIPLE:
+            raise ValueError(f"the TLC train size must be a multiple of {SIZE_MULTIPLE}, got {train_size}")
+        cache: dict[int, list[tuple[int, int]]] = self.__dict__.setdefault("_tlc_windows", {})
+        if train_size not in cache:
+            base = train_size * 3 // 2
+            cache[train_size] = [(height * train_size // SIZE_MULTIPLE * base // train_size,
+                                  width * train_size // SIZE_MULTIPLE * base // train_size)
+                                 for height, width in self._attention_map_sizes()]
+        return cache[train_size]
+
+    def _attention_map_sizes(self) -> list[tuple[int, int]]:
+        """The map each channel attention sees, per sample, for a `SIZE_MULTIPLE` square input."""
+        attentions = [module for module in self.modules() if isinstance(module, ChannelAttention)]
+        sizes: dict[nn.Module, tuple[int, int]] = {}
+
+        def record(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+            sizes.setdefault(module, (inputs[0].shape[-2], inputs[0].shape[-1]))
+
+        hooks = [attention.register_forward_pre_hook(record) for attention in attentions]
+        parameter = next(self.parameters())
+        try:
+            with torch.inference_mode(), self.local_attention(None):
+                self(torch.zeros(1, self.config.in_c, SIZE_MULTIPLE, SIZE_MULTIPLE, device=parameter.device,
+                                 dtype=parameter.dtype))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return [sizes[attention] for attention in attentions]
 
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         height, width = image.shape[-2:]
