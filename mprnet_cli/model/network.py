@@ -205,33 +205,44 @@ def local_mean(x: Tensor, window: tuple[int, int]) -> Tensor:
     rows = _box_sums(x, window_width, dim=-1, dtype=accumulate, in_place=False)
     boxes = _box_sums(rows, window_height, dim=-2, dtype=accumulate, in_place=True)
     scale = 1.0 / (window_height * window_width)
-    if not _eager_inference():
-        return (boxes * scale).to(x.dtype)
-    return torch.mul(boxes, scale, out=torch.empty_like(boxes, dtype=x.dtype))  # scaled and cast in one pass
+    # In place where no autograd graph can need `boxes` (a cast through mul's out= was 15x slower).
+    return (boxes.mul_(scale) if _eager_inference() else boxes * scale).to(x.dtype)
 
 
 def _box_sums(x: Tensor, length: int, dim: int, dtype: torch.dtype, in_place: bool) -> Tensor:
-    """Sums, in `dtype`, of `length` consecutive values along `dim`, for every start that
-    fits. `in_place`: `x` is of `dtype` and the caller's to consume."""
+    """Sums, in `dtype`, of `length` consecutive values along `dim` (negative), for every
+    start that fits. `in_place`: `x` is of `dtype` and the caller's to consume."""
     size = x.shape[dim]
     if x.device.type == "cpu" and _eager_inference():
-        # ATen's CPU cumsum walks each line of the axis one value at a time, which across a
-        # channels-last map's rows was 5x slower than adding whole slices in turn; and the
-        # first pass converts to `dtype` as it goes.
-        running = x if in_place else torch.empty_like(x, dtype=dtype)
-        running.select(dim, 0).copy_(x.select(dim, 0))
-        for index in range(1, size):
-            torch.add(running.select(dim, index - 1), x.select(dim, index), out=running.select(dim, index))
+        running = x if in_place else x.to(dtype, copy=True)
+        _running_sums_in_place(running, dim)
     else:
         running = x.to(dtype).cumsum(dim)
         if not _eager_inference():  # out= below is for inference only
             later = running.narrow(dim, length, size - length) - running.narrow(dim, 0, size - length)
             return torch.cat([running.narrow(dim, length - 1, 1), later], dim=dim)
-    sums = torch.empty_like(running.narrow(dim, 0, size - length + 1))
+    sums = _empty_in_layout_of(running, running.narrow(dim, 0, size - length + 1).shape)
     sums.narrow(dim, 0, 1).copy_(running.narrow(dim, length - 1, 1))
     torch.sub(running.narrow(dim, length, size - length), running.narrow(dim, 0, size - length),
               out=sums.narrow(dim, 1, size - length))
     return sums
+
+
+def _empty_in_layout_of(x: Tensor, shape: torch.Size) -> Tensor:
+    """A tensor of `shape` with `x`'s dtype, device and memory format (channels-last or
+    not): `empty_like` of a narrowed channels-last view gives the default layout, and every
+    pass between the two layouts then transposes."""
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.empty(shape, dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def _running_sums_in_place(x: Tensor, dim: int) -> None:
+    """`x.cumsum_(dim)` for CPU inference, one slice at a time: ATen's cumsum walks each
+    line of the axis one value at a time, and across a channels-last map's rows that was
+    5x slower than adding whole slices in turn (a slice of (1, 56, 512) is 13 us)."""
+    for index in range(1, x.shape[dim]):
+        x.select(dim, index).add_(x.select(dim, index - 1))
 
 
 def replicate_to(x: Tensor, height: int, width: int) -> Tensor:
