@@ -216,7 +216,11 @@ class Restorer:
     def _forward(self, image: Tensor) -> Tensor:
         height, width = image.shape[-2:]
         padded = pad_to_multiple(image.contiguous(memory_format=torch.channels_last))
-        with self.cudnn_settings(), self.model.local_attention(self.tlc_train_size):
+        # TLC's windows are set for this forward only (the model may be shared); a CUDA
+        # graph captured inside records the local pooling like any other kernel.
+        attention = (contextlib.nullcontext() if self.tlc_train_size is None
+                     else self.model.local_attention(self.tlc_train_size))
+        with self.cudnn_settings(), attention:
             outputs = self.model(padded) if self._graphs is None else self._graphs(self.model, padded, self._graph_fits)
         # From a graph, `outputs` are its own buffers (in fp32 clamp_ writes into them);
         # .cpu() copies the result off the device before the next replay can overwrite it.
