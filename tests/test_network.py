@@ -300,6 +300,24 @@ def test_pooled_reference_is_the_direct_one() -> None:
     torch.testing.assert_close(_pooled_local_mean(x, (4, 20)), _direct_local_mean(x, (4, 20)), atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-6), (torch.bfloat16, 2**-8)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_local_gates_fused_on_the_cpu_equal_the_plain_ones(dtype: torch.dtype, tolerance: float, bias: bool) -> None:
+    if dtype == torch.bfloat16 and not cpu_has_native_bf16():
+        pytest.skip("oneDNN computes bf16 natively only on CPUs with bf16 instructions")
+    torch.manual_seed(0)
+    attention = network.ChannelAttention(16, 4, bias).to(dtype=dtype, memory_format=torch.channels_last)
+    attention.window = (5, 7)
+    x = torch.rand(1, 16, 12, 20, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    with mock.patch.object(network, "local_mean", side_effect=network.local_mean) as pooled:
+        with torch.inference_mode():
+            fused = attention(x)
+        plain = attention(x)  # outside inference: the plain modules
+    assert pooled.call_count == 2
+    assert fused.shape == plain.shape == (1, 16, 12, 20)
+    torch.testing.assert_close(fused, plain.detach(), atol=tolerance, rtol=0)
+
+
 def _tiny_model() -> MPRNet:
     state = read_state_dict(TINY_CHECKPOINT)
     model = MPRNet(infer_config(state))
