@@ -6,7 +6,10 @@ photo (scikit-image's CC0 `chelsea`, held out of its training, enlarged), in fp3
 "away from its seams" leaves out 12-pixel bands on the image's centre lines, where the
 whole-image run has the model's own patch seams.
 
-    python benchmarks/tiling_quality.py [--tile 256] [--overlap 32]
+    python benchmarks/tiling_quality.py [--tile 256] [--overlap 32] [--tlc-train-size 64]
+
+With --tlc-train-size (the denoiser's crops were 64), both the whole-image and the tiled
+runs use TLC: its local windows should make a tile's attention less dependent on the tile.
 """
 
 from __future__ import annotations
@@ -29,9 +32,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tile", type=int, default=256)
     parser.add_argument("--overlap", type=int, default=32)
+    parser.add_argument("--tlc-train-size", type=int, default=None)
     arguments = parser.parse_args()
     clean, noisy = noisy_photo()
-    whole_restorer = Restorer.from_checkpoint(CHECKPOINT, device="cpu", precision="fp32", tile=0)
+    whole_restorer = Restorer.from_checkpoint(CHECKPOINT, device="cpu", precision="fp32", tile=0,
+                                              tlc_train_size=arguments.tlc_train_size)
     started = time.perf_counter()
     whole = whole_restorer.restore(noisy)
     whole_seconds = time.perf_counter() - started
@@ -42,7 +47,7 @@ def main() -> None:
     for blend in BLENDS:
         grid = TileGrid(*noisy.shape[:2], arguments.tile, arguments.overlap, blend)
         restorer = Restorer(whole_restorer.model, device="cpu", precision="fp32", tile=arguments.tile,
-                            tile_overlap=arguments.overlap, tile_blend=blend)
+                            tile_overlap=arguments.overlap, tile_blend=blend, tlc_train_size=arguments.tlc_train_size)
         started = time.perf_counter()
         tiled = restorer.restore(noisy)
         seconds = time.perf_counter() - started

@@ -14,6 +14,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Annotated, Iterator, Optional
 
@@ -22,6 +23,7 @@ import typer
 from mprnet_cli.errors import CheckpointError, InputError, MprnetError, OutputError
 
 if TYPE_CHECKING:
+    from mprnet_cli.evaluate import Evaluation
     from mprnet_cli.model.restorer import Restorer
     from mprnet_cli.pipeline import Job, Outcome, Plan
     from mprnet_cli.video import Encoding, Span
@@ -142,6 +144,17 @@ def _check_tiling(tile: int | None, overlap: int, blend: str) -> None:
         raise typer.BadParameter(str(error), param_hint=f"'--{error.option.replace('_', '-')}'") from None
 
 
+def _check_quality(ensemble: int, tlc_train_size: int) -> None:
+    from mprnet_cli.model.restorer import ENSEMBLE_SIZES
+
+    if ensemble not in ENSEMBLE_SIZES:
+        raise typer.BadParameter(f"{ensemble}: expected one of {', '.join(map(str, ENSEMBLE_SIZES))}",
+                                 param_hint="'--ensemble'")
+    if tlc_train_size % 8:
+        raise typer.BadParameter(f"{tlc_train_size}: expected a multiple of 8, as MPRNet's inputs are",
+                                 param_hint="'--tlc-train-size'")
+
+
 def _check_suffix(suffix: str | None) -> None:
     if suffix is not None and any(separator in suffix for separator in {"/", os.sep}):
         raise typer.BadParameter(f"{suffix!r}: a suffix is added to file names and cannot hold a path separator",
@@ -160,7 +173,7 @@ def _check_terminals(jobs: list[Job]) -> None:
 
 #: The panels of a task's help, in this order after the general options (help, quiet).
 IO_PANEL, MODEL_PANEL, TILING_PANEL, BATCH_PANEL = "Input and output", "Model", "Tiling", "Batch"
-VIDEO_PANEL = "Video"
+VIDEO_PANEL, QUALITY_PANEL, SCORING_PANEL = "Video", "Quality", "Scoring"
 
 
 def _in_range(low: int, high: int | None = None):  # noqa: ANN202 - a Typer callback
@@ -214,6 +227,16 @@ TileBlendOption = Annotated[
 ]
 QualityOption = Annotated[int, typer.Option("--quality", metavar="1-100", callback=_in_range(1, 100),
                                             rich_help_panel=IO_PANEL, help="JPEG and WebP quality.")]
+TlcOption = Annotated[bool, typer.Option("--tlc", rich_help_panel=QUALITY_PANEL,
+                                         help="Channel attention over local windows, as in training (TLC).")]
+TlcTrainSizeOption = Annotated[
+    int, typer.Option("--tlc-train-size", metavar="N", callback=_in_range(8), rich_help_panel=QUALITY_PANEL,
+                      help="The training crop that sets --tlc's windows. Default: 256.", show_default=False)
+]
+EnsembleOption = Annotated[
+    int, typer.Option("--ensemble", metavar="1|2|4|8", rich_help_panel=QUALITY_PANEL, show_default=False,
+                      help="Average N flips and turns (N forwards). Default: 1.")
+]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 
 
@@ -499,6 +522,9 @@ def _make_task_command(task: str):  # noqa: ANN202 - Typer reads the signature o
         frames: FramesOption = None,
         start: StartOption = None,
         end: EndOption = None,
+        tlc: TlcOption = False,
+        tlc_train_size: TlcTrainSizeOption = 256,
+        ensemble: EnsembleOption = 1,
         quiet: QuietOption = False,
     ) -> None:
         _configure_logging(quiet)
@@ -506,6 +532,7 @@ def _make_task_command(task: str):  # noqa: ANN202 - Typer reads the signature o
             _interrupt_on_sigterm()  # from here on: loading or downloading weights can take long
             tile_size = _parse_tile(tile)
             _check_tiling(tile_size, tile_overlap, tile_blend)
+            _check_quality(ensemble, tlc_train_size)
             _check_suffix(suffix)
             span = _parse_span(frames, start, end)
             from mprnet_cli import pipeline, video
@@ -524,7 +551,8 @@ def _make_task_command(task: str):  # noqa: ANN202 - Typer reads the signature o
                 logger.info("nothing to do: every output exists (use --overwrite to redo them)")
                 return
             restorer = pipeline.load_restorer(task, weights, device, precision, tile=tile_size, tile_overlap=tile_overlap,
-                                              tile_blend=tile_blend, progress_bar=_progress_bar(quiet))
+                                              tile_blend=tile_blend, tlc_train_size=tlc_train_size if tlc else None,
+                                              ensemble=ensemble, progress_bar=_progress_bar(quiet))
         _run_batch(restorer, plan, quality, max_pixels or None, extension, quiet, fail_fast, encoding, span)
 
     command.__doc__ = TASK_HELP[task]
@@ -694,6 +722,121 @@ def weights_verify(task: TasksChoice = "all") -> None:
                 failed.append(name)
         if failed:
             raise CheckpointError(f"verification failed for {', '.join(failed)}: run `mprnet weights download {failed[0]} --force`")
+
+
+# --- mprnet eval ... ----------------------------------------------------------------------
+
+EVAL_EXAMPLES = [
+    "mprnet eval deblur --input GoPro/test/input --target GoPro/test/target",
+    "mprnet eval derain --restored results/Rain100L --target Rain100L/target --pair-by-order",
+    "mprnet eval deblur --input blurry/ --target sharp/ --tile 512 --precision bf16 --json scores.json",
+]
+
+
+def _check_report_path(option: str, path: str | None) -> None:
+    """A report that cannot be written is refused before any image is restored."""
+    if path is None or path == "-":
+        return
+    if Path(path).is_dir() or not Path(path).parent.is_dir():
+        raise OutputError(f"{option} {path}: expected a file in an existing folder, or - for standard output")
+
+
+@app.command(
+    "eval",
+    epilog="Examples:\n\n" + "".join(f"  {example}\n\n" for example in EVAL_EXAMPLES)
+    + "The table goes to standard output (to standard error when --json or --csv is -); per-image "
+    "scores to --json or --csv. See docs/quality.md for the protocols.",
+    no_args_is_help=True,
+)
+def eval_command(
+    task: TaskChoice,
+    target: Annotated[str, typer.Option("--target", metavar="PATH", show_default=False, rich_help_panel=SCORING_PANEL,
+                                        help="Ground-truth images: a folder (walked recursively) or one file.")],
+    inputs: Annotated[Optional[str], typer.Option("--input", metavar="PATH", rich_help_panel=SCORING_PANEL,
+                                                  help="Degraded images to restore and score.")] = None,
+    restored: Annotated[Optional[str], typer.Option("--restored", metavar="PATH", rich_help_panel=SCORING_PANEL,
+                                                    help="Finished outputs to score, instead of --input.")] = None,
+    pair_by_order: Annotated[bool, typer.Option("--pair-by-order", rich_help_panel=SCORING_PANEL,
+                                                help="Pair the n-th files of each sorted list, not equal names.")] = False,
+    metric: Annotated[str, typer.Option("--metric", metavar="auto|matlab-rgb|matlab-y|matlab-float|skimage",
+                                        rich_help_panel=SCORING_PANEL,
+                                        help="auto: the protocol of the task's published table.")] = "auto",
+    json_path: Annotated[Optional[str], typer.Option("--json", metavar="PATH", rich_help_panel=SCORING_PANEL,
+                                                     help="Write the means and per-image scores as JSON; - for stdout.")] = None,
+    csv_path: Annotated[Optional[str], typer.Option("--csv", metavar="PATH", rich_help_panel=SCORING_PANEL,
+                                                    help="Write per-image scores as CSV; - for stdout.")] = None,
+    weights: WeightsOption = None,
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
+    tile: TileOption = "auto",
+    tile_overlap: TileOverlapOption = 32,
+    tile_blend: TileBlendOption = "feather",
+    tlc: TlcOption = False,
+    tlc_train_size: TlcTrainSizeOption = 256,
+    ensemble: EnsembleOption = 1,
+    max_pixels: MaxPixelsOption = 250_000_000,
+    quiet: QuietOption = False,
+) -> None:
+    """Score restorations against ground truth with the metrics of the MPRNet paper's tables."""
+    _configure_logging(quiet)
+    with _user_errors():
+        _interrupt_on_sigterm()
+        name = _tasks(task, allow_all=False)[0]
+        if (inputs is None) == (restored is None):
+            raise typer.BadParameter("give --input (images to restore) or --restored (finished outputs), not both",
+                                     param_hint="'--input' / '--restored'")
+        if json_path == "-" and csv_path == "-":
+            raise typer.BadParameter("only one of them can go to standard output", param_hint="'--json' / '--csv'")
+        tile_size = _parse_tile(tile)
+        _check_tiling(tile_size, tile_overlap, tile_blend)
+        _check_quality(ensemble, tlc_train_size)
+        _check_report_path("--json", json_path)
+        _check_report_path("--csv", csv_path)
+        from mprnet_cli import evaluate, pipeline
+
+        protocol = evaluate.resolve_protocol(name, metric)
+        pairs = evaluate.plan_pairs(inputs or restored or "", target, by_order=pair_by_order,
+                                    what="input" if inputs is not None else "restored")
+        restorer = None
+        if inputs is not None:
+            pipeline.check_device_options(device, precision)
+            restorer = pipeline.load_restorer(name, weights, device, precision, tile=tile_size,
+                                              tile_overlap=tile_overlap, tile_blend=tile_blend,
+                                              tlc_train_size=tlc_train_size if tlc else None, ensemble=ensemble,
+                                              progress_bar=_progress_bar(quiet))
+        logger.info("scoring %d image(s) by %s: %s", len(pairs), protocol.name, protocol.description)
+        scores = []
+        for score in evaluate.score_pairs(pairs, protocol, restorer, max_pixels or None):
+            timing = "" if score.seconds is None else f" ({score.seconds:.1f} s)"
+            logger.info("%s: %.3f dB, SSIM %.4f%s", score.name, score.psnr, score.ssim, timing)
+            scores.append(score)
+        result = evaluate.Evaluation(protocol, scores)
+        settings = {"source": "input" if inputs is not None else "restored", "pair_by_order": pair_by_order}
+        if restorer is not None:
+            settings.update(device=str(restorer.device), precision=str(restorer.dtype).removeprefix("torch."),
+                            tile=tile, tile_overlap=tile_overlap, tile_blend=tile_blend,
+                            tlc_train_size=tlc_train_size if tlc else None, ensemble=ensemble)
+        for path, text in ((json_path, evaluate.to_json(result, name, settings) if json_path else None),
+                           (csv_path, evaluate.to_csv(result) if csv_path else None)):
+            if path == "-":
+                typer.echo(text, nl=False)
+            elif path is not None:
+                from mprnet_cli.imageio import write_atomic
+
+                write_atomic(Path(path), text.encode())
+        typer.echo(_evaluation_table(result), err="-" in (json_path, csv_path))
+
+
+def _evaluation_table(result: Evaluation) -> str:
+    """The means, then the worst and the slowest images."""
+    lines = [f"protocol  {result.protocol.name}: {result.protocol.description}",
+             f"images    {result.count}",
+             f"PSNR      {result.psnr:.3f} dB",
+             f"SSIM      {result.ssim:.4f}"]
+    lines += [f"{'worst' if i == 0 else '':<10}{s.name}: {s.psnr:.3f} dB, SSIM {s.ssim:.4f}"
+              for i, s in enumerate(result.worst())]
+    lines += [f"{'slowest' if i == 0 else '':<10}{s.name}: {s.seconds:.1f} s" for i, s in enumerate(result.slowest())]
+    return "\n".join(_one_line(line) for line in lines)
 
 
 def _settle_stdout() -> None:

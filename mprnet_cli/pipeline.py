@@ -278,6 +278,12 @@ def _check_writable(directory: Path, checked: set[Path]) -> None:
     os.unlink(probe)
 
 
+def list_images(argument: str) -> list[tuple[Path, Path]]:
+    """(image file, its path relative to `argument`) for a folder (walked recursively), a
+    glob or one file; hidden, broken and non-image files left out, as a batch leaves them."""
+    return _collect_sources([argument], recursive=True)[0]
+
+
 def _collect_sources(
     inputs: list[str], recursive: bool,
 ) -> tuple[list[tuple[Path, Path]], set[Path], list[tuple[str, str]], bool]:
@@ -391,6 +397,8 @@ def load_restorer(
     tile: int | None = None,
     tile_overlap: int = DEFAULT_OVERLAP,
     tile_blend: str = DEFAULT_BLEND,
+    tlc_train_size: int | None = None,
+    ensemble: int = 1,
     progress_bar: type | None = None,
 ) -> Restorer:
     """Resolve the device first (cheap, and the likelier mistake), then the checkpoint:
@@ -399,7 +407,8 @@ def load_restorer(
     resolved = resolve_device(device)
     checkpoint = resolve_checkpoint(task, weights, tqdm_class=progress_bar)
     return Restorer.from_checkpoint(checkpoint, task, device=resolved, precision=precision, tile=tile,
-                                    tile_overlap=tile_overlap, tile_blend=tile_blend)
+                                    tile_overlap=tile_overlap, tile_blend=tile_blend, tlc_train_size=tlc_train_size,
+                                    ensemble=ensemble)
 
 
 def restore_picture(restorer: Restorer, picture: Picture, progress: Progress | None = None) -> Picture:

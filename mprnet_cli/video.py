@@ -729,6 +729,8 @@ def _run(av: ModuleType, restorer: Restorer, reader: _Reader, source: _Source, h
         done = 0
         if progress is not None:
             progress(0, source.total)
+        # Deep colour runs on the restorer's fp32 twin under precision auto: hold its tiles.
+        restorer = restorer.restorer_for(np.dtype(np.uint16 if source.deep else np.uint8))
         with restorer.same_tiles(source.height, source.width):
             while True:
                 item = reader.items.get()

@@ -255,6 +255,21 @@ def test_tiled_run_matches_the_python_api(photo: Path, tmp_path: Path) -> None:
     np.testing.assert_array_equal(np.asarray(Image.open(target)), restorer.restore(np.asarray(Image.open(photo))))
 
 
+
+def test_tlc_and_ensemble_reach_the_restorer(photo: Path, tmp_path: Path) -> None:
+    from mprnet_cli import Restorer
+
+    target = tmp_path / "better.png"
+    options = ["--tlc", "--tlc-train-size", "16", "--ensemble", "2", "--tile", "0"]
+    result = runner.invoke(app, ["deblur", str(photo), "-o", str(target), *WEIGHTS, *options])
+    assert result.exit_code == 0, result.stderr
+    restorer = Restorer.from_checkpoint(TINY_CHECKPOINT, device="cpu", tile=0, tlc_train_size=16, ensemble=2)
+    plain = Restorer.from_checkpoint(TINY_CHECKPOINT, device="cpu", tile=0).restore(np.asarray(Image.open(photo)))
+    better = restorer.restore(np.asarray(Image.open(photo)))
+    assert np.abs(better.astype(int) - plain).max() > 2  # the options do change this result
+    np.testing.assert_array_equal(np.asarray(Image.open(target)), better)
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [

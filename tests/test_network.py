@@ -8,13 +8,15 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from mprnet_cli.checkpoints import read_state_dict
 from mprnet_cli.devices import cpu_has_native_bf16
 from mprnet_cli.model.config import TASK_CONFIGS, MPRNetConfig, infer_config
 from mprnet_cli.model import network
 from mprnet_cli.model.network import MPRNet, UpSample, _conv_prelu, _gate_and_add, _two_convolutions
+from mprnet_cli.model.restorer import Restorer
 
 from .conftest import DATA, PARITY, TINY_CHECKPOINT
 
@@ -241,3 +243,154 @@ def test_composed_inference_equals_the_plain_path_for_unusual_checkpoints(config
     with torch.no_grad():
         plain = model(image)[0]
     torch.testing.assert_close(composed, plain, atol=5e-6, rtol=0)
+
+
+# --- The test-time local converter (TLC) ----------------------------------------------------
+
+
+def _direct_local_mean(x: Tensor, window: tuple[int, int]) -> Tensor:
+    """TLC's pooling the slow way: the mean of the window at every position where it lies
+    inside the map (each side clamped to the map's), in float64, then the edges replicated,
+    half the missing rows and columns (rounded down) before, one position at a time."""
+    height, width = x.shape[-2:]
+    window_height, window_width = min(window[0], height), min(window[1], width)
+    rows, columns = height - window_height + 1, width - window_width + 1
+    valid = torch.empty(*x.shape[:2], rows, columns, dtype=torch.float64)
+    for row in range(rows):
+        for column in range(columns):
+            valid[..., row, column] = x[..., row:row + window_height, column:column + window_width].double().mean(dim=(-2, -1))
+    top, left = (height - rows) // 2, (width - columns) // 2
+    row_of = [min(max(row - top, 0), rows - 1) for row in range(height)]
+    column_of = [min(max(column - left, 0), columns - 1) for column in range(width)]
+    return valid[..., row_of, :][..., column_of].to(x.dtype)
+
+
+@pytest.mark.parametrize("inference", [True, False], ids=["inference", "autograd"])
+@pytest.mark.parametrize("window", [(3, 5), (4, 4), (13, 2), (30, 30), (1, 1)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_local_means_equal_direct_pooling_on_odd_sizes(window: tuple[int, int], dtype: torch.dtype,
+                                                       inference: bool) -> None:
+    """Inference on the CPU takes running sums slice by slice; elsewhere, with cumsum."""
+    x = (torch.rand(2, 5, 13, 11, dtype=torch.float64) * 4 - 1).to(dtype).contiguous(memory_format=torch.channels_last)
+    before = x.clone()
+    with torch.inference_mode(inference):
+        ours = network.replicate_to(network.local_mean(x, window), 13, 11)
+    assert torch.equal(x, before)  # the input is left alone
+    tolerance = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 0}[dtype]  # fp32: an 11-long running sum
+    if dtype == torch.bfloat16:  # both round a float sum to bf16 once; a tie may round to a neighbour
+        torch.testing.assert_close(ours.double(), _direct_local_mean(x, window).double(), atol=2**-7 * 3, rtol=2**-8)
+    else:
+        torch.testing.assert_close(ours, _direct_local_mean(x, window), atol=tolerance, rtol=0)
+
+
+def _pooled_local_mean(x: Tensor, window: tuple[int, int]) -> Tensor:
+    """TLC's pooling by plain average pooling (each window summed afresh), in float64, then
+    `_direct_local_mean`'s border rule: quicker than it, for whole networks."""
+    height, width = x.shape[-2:]
+    kernel = (min(window[0], height), min(window[1], width))
+    valid = F.avg_pool2d(x.double(), kernel, stride=1)
+    missing_height, missing_width = height - valid.shape[-2], width - valid.shape[-1]
+    padding = (missing_width // 2, missing_width - missing_width // 2, missing_height // 2,
+               missing_height - missing_height // 2)
+    return F.pad(valid, padding, mode="replicate").to(x.dtype)
+
+
+def test_pooled_reference_is_the_direct_one() -> None:
+    x = torch.rand(1, 2, 9, 14, dtype=torch.float64)
+    torch.testing.assert_close(_pooled_local_mean(x, (4, 20)), _direct_local_mean(x, (4, 20)), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-6), (torch.bfloat16, 2**-8)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_local_gates_fused_on_the_cpu_equal_the_plain_ones(dtype: torch.dtype, tolerance: float, bias: bool) -> None:
+    if dtype == torch.bfloat16 and not cpu_has_native_bf16():
+        pytest.skip("oneDNN computes bf16 natively only on CPUs with bf16 instructions")
+    torch.manual_seed(0)
+    attention = network.ChannelAttention(16, 4, bias).to(dtype=dtype, memory_format=torch.channels_last)
+    attention.window = (5, 7)
+    x = torch.rand(1, 16, 12, 20, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    with mock.patch.object(network, "local_mean", side_effect=network.local_mean) as pooled:
+        with torch.inference_mode():
+            fused = attention(x)
+        plain = attention(x)  # outside inference: the plain modules
+    assert pooled.call_count == 2
+    assert fused.shape == plain.shape == (1, 16, 12, 20)
+    torch.testing.assert_close(fused, plain.detach(), atol=tolerance, rtol=0)
+
+
+def _tiny_model() -> MPRNet:
+    state = read_state_dict(TINY_CHECKPOINT)
+    model = MPRNet(infer_config(state))
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def test_tlc_windows_are_one_and_a_half_times_the_maps_seen_at_the_train_size() -> None:
+    """Read here off a forward at the train size itself, as TLC does it."""
+    model = _tiny_model()
+    seen: dict[nn.Module, tuple[int, int]] = {}
+
+    def record(module: nn.Module, inputs: tuple[Tensor]) -> None:
+        seen[module] = tuple(inputs[0].shape[-2:])
+
+    hooks = [module.register_forward_pre_hook(record)
+             for module in model.modules() if isinstance(module, network.ChannelAttention)]
+    with torch.inference_mode():
+        model(torch.rand(1, 3, 64, 64))
+    for hook in hooks:
+        hook.remove()
+    attentions = [module for module in model.modules() if isinstance(module, network.ChannelAttention)]
+    assert model.tlc_windows(64) == [(seen[module][0] * 3 // 2, seen[module][1] * 3 // 2) for module in attentions]
+    # Quarters (32, 16, 8 at train size 64), halves (32x64...) and the whole image (64...), times 1.5.
+    assert set(model.tlc_windows(64)) == {(48, 48), (24, 24), (12, 12), (48, 96), (24, 48), (12, 24), (96, 96)}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("size", [(64, 64), (61, 45), (30, 17)])
+def test_tlc_changes_nothing_up_to_the_training_crop(precision: str, size: tuple[int, int]) -> None:
+    model = _tiny_model()
+    image = np.random.default_rng(0).random((*size, 3), dtype=np.float32)
+    plain = Restorer(model, device="cpu", precision=precision, tile=0).restore(image)
+    local = Restorer(model, device="cpu", precision=precision, tile=0, tlc_train_size=64).restore(image)
+    np.testing.assert_array_equal(local, plain)
+
+
+@pytest.mark.parametrize(("precision", "tile", "tolerance"), [("fp32", 0, 2e-6), ("fp32", 32, 2e-6), ("bf16", 0, 2**-8)])
+def test_tlc_agrees_with_direct_pooling_in_every_path(precision: str, tile: int, tolerance: float,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The restorer's path (channels-last, fused convolutions, tiles, bf16) on an odd size
+    whose maps exceed the windows (train size 16: windows 24 and 12 at the quarters'
+    first level), against the same run with the pooling done directly."""
+    model = _tiny_model()
+    image = np.random.default_rng(1).random((61, 45, 3), dtype=np.float32)
+    restorer = Restorer(model, device="cpu", precision=precision, tile=tile, tile_overlap=8, tlc_train_size=16)
+    fast = restorer.restore(image)
+    monkeypatch.setattr(network, "local_mean", _pooled_local_mean)
+    monkeypatch.setattr(network, "replicate_to", lambda x, height, width: x)
+    slow = restorer.restore(image)
+    plain = Restorer(model, device="cpu", precision=precision, tile=tile, tile_overlap=8).restore(image)
+    assert np.abs(fast - plain).max() > 2 * tolerance  # TLC does change this output
+    np.testing.assert_allclose(fast, slow, atol=tolerance, rtol=0)
+
+
+def test_tlc_trains_and_leaves_the_model_as_it_was() -> None:
+    """Outside inference (the plain NCHW path, with autograd), and shared models keep their
+    global attention outside the context."""
+    model = _tiny_model()
+    image = torch.rand(1, 3, 40, 56, requires_grad=True)
+    with model.local_attention(16):
+        local = model(image)[0]
+    local.sum().backward()
+    assert image.grad is not None and torch.isfinite(image.grad).all()
+    with torch.inference_mode():
+        plain = model(image.detach())[0]
+        with model.local_attention(16):
+            again = model(image.detach())[0]
+    assert all(module.window is None for module in model.modules() if isinstance(module, network.ChannelAttention))
+    torch.testing.assert_close(again, local.detach(), atol=1e-5, rtol=0)
+    assert (plain - local.detach()).abs().max() > 1e-4
+
+
+def test_tlc_train_size_must_suit_the_network() -> None:
+    with pytest.raises(ValueError, match="the TLC train size must be a multiple of 8, got 100"):
+        Restorer(_tiny_model(), device="cpu", tlc_train_size=100)

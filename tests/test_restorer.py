@@ -406,3 +406,61 @@ def test_the_fp32_twin_is_made_only_under_auto_and_only_when_needed(monkeypatch:
     for precision in ("bf16", "fp32"):
         named = Restorer.from_checkpoint(TINY_CHECKPOINT, device="cpu", precision=precision)
         assert named.restorer_for(np.dtype(np.uint16)) is named and named._fp32_model is None
+
+
+# --- Self-ensemble ------------------------------------------------------------------------
+
+
+class _EquivariantNet(MPRNet):
+    """Not MPRNet inside (whose patches make it equivariant to flips but not to quarter
+    turns): a blur whose kernel every flip and turn leaves alone, then a sigmoid. It
+    commutes with all eight poses of an image whose sides are multiples of 8."""
+
+    def __init__(self) -> None:
+        super().__init__(MPRNetConfig(n_feat=8, scale_unetfeats=4, scale_orsnetfeats=4, num_cab=1))
+        self.register_buffer("kernel", torch.tensor([[1.0, 2, 1], [2, 4, 2], [1, 2, 1]]).div(16).expand(3, 1, 3, 3))
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = torch.sigmoid(4 * torch.nn.functional.conv2d(image, self.kernel, padding=1, groups=3) - 2)
+        return out, out, out
+
+
+@pytest.mark.parametrize("ensemble", [2, 4, 8])
+def test_an_equivariant_model_gains_nothing_from_the_ensemble(ensemble: int) -> None:
+    model = _EquivariantNet()
+    image = np.random.default_rng(0).random((48, 64, 3), dtype=np.float32)
+    plain = Restorer(model, device="cpu", precision="fp32", tile=0).restore(image)
+    assert np.abs(plain - image).max() > 0.2  # the model does something
+    averaged = Restorer(model, device="cpu", precision="fp32", tile=0, ensemble=ensemble).restore(image)
+    np.testing.assert_allclose(averaged, plain, atol=2e-6, rtol=0)
+
+
+def test_ensemble_of_one_is_todays_result_and_two_adds_the_mirror_image(restorer: Restorer) -> None:
+    image = np.random.default_rng(1).random((45, 61, 3), dtype=np.float32)
+    plain = restorer.restore(image)
+    np.testing.assert_array_equal(Restorer(restorer.model, device="cpu", ensemble=1).restore(image), plain)
+    mirrored = restorer.restore(np.ascontiguousarray(image[:, ::-1]))[:, ::-1]
+    two = Restorer(restorer.model, device="cpu", ensemble=2).restore(image)
+    assert np.abs(mirrored - plain).max() > 0.01  # the tiny model is not equivariant
+    np.testing.assert_allclose(two, (plain + mirrored) / 2, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("tile", [0, 32])
+def test_ensemble_runs_one_forward_at_a_time_per_tile(tile: int) -> None:
+    """Accumulated, not stacked: each forward takes one tile (or image) in one of its eight
+    poses, so memory stays that of a plain forward."""
+    model = _identity_model()
+    shapes: list[tuple[int, ...]] = []
+    model.register_forward_pre_hook(lambda _, inputs: shapes.append(tuple(inputs[0].shape)))
+    image = np.random.default_rng(2).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    restored = Restorer(model, device="cpu", tile=tile, tile_overlap=8, ensemble=8).restore(image)
+    np.testing.assert_array_equal(restored, image)  # every pose turned back exactly
+    tiles = 1 if tile == 0 else len(shapes) // 8
+    side = (40, 56) if tile == 0 else (32, 32)
+    assert len(shapes) == 8 * tiles
+    assert set(shapes) == {(1, 3, *side), (1, 3, *side[::-1])}
+
+
+def test_ensemble_sizes_are_checked() -> None:
+    with pytest.raises(ValueError, match="ensemble must be one of 1, 2, 4, 8, got 3"):
+        Restorer(_identity_model(), device="cpu", ensemble=3)

@@ -1,0 +1,57 @@
+"""The time --tlc adds to a forward, whole image, at 512x512 and 1080p.
+
+Weights do not change the time, so the published widths are built with random weights
+(no download). Plain and TLC forwards alternate, after one untimed forward of each (the
+first of a shape builds oneDNN's kernels); the median of --rounds of each is reported.
+
+    python benchmarks/tlc_cost.py [--task derain] [--precision auto] [--rounds 3] [--sizes 512x512 1080x1920]
+
+Run it under the shared CPU lock (flock /tmp/mprnet-cpu.lock ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from mprnet_cli import Restorer
+from mprnet_cli.model.config import TASK_CONFIGS
+from mprnet_cli.model.network import MPRNet
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="derain", choices=sorted(TASK_CONFIGS))
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--sizes", nargs="+", default=["512x512", "1080x1920"])
+    arguments = parser.parse_args()
+    torch.manual_seed(0)
+    model = MPRNet(TASK_CONFIGS[arguments.task])
+    plain = Restorer(model, device="cpu", precision=arguments.precision, tile=0)
+    local = Restorer(model, device="cpu", precision=arguments.precision, tile=0, tlc_train_size=256)
+    print(f"{arguments.task} widths, {str(plain.dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads")
+    print(f"{'size':>10} {'plain s':>8} {'--tlc s':>8} {'overhead':>9}")
+    for size in arguments.sizes:
+        height, width = map(int, size.split("x"))
+        image = np.random.default_rng(0).random((height, width, 3), dtype=np.float32)
+        times: dict[str, list[float]] = {"plain": [], "tlc": []}
+        for restorer in (plain, local):
+            restorer.restore(image)
+        for _ in range(arguments.rounds):
+            for name, restorer in (("plain", plain), ("tlc", local)):
+                started = time.perf_counter()
+                restorer.restore(image)
+                times[name].append(time.perf_counter() - started)
+        base, tlc = statistics.median(times["plain"]), statistics.median(times["tlc"])
+        print(f"{size:>10} {base:>8.2f} {tlc:>8.2f} {100 * (tlc / base - 1):>+8.1f}%  "
+              f"(plain {', '.join(f'{t:.2f}' for t in times['plain'])}; tlc {', '.join(f'{t:.2f}' for t in times['tlc'])})",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
