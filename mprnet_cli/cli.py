@@ -785,6 +785,9 @@ def eval_command(
         if (inputs is None) == (restored is None):
             raise typer.BadParameter("give --input (images to restore) or --restored (finished outputs), not both",
                                      param_hint="'--input' / '--restored'")
+        if restored is not None and (weights is not None or tlc or ensemble != 1):
+            raise typer.BadParameter("--weights, --tlc and --ensemble shape a restoration: give them with --input, "
+                                     "not with --restored (finished outputs)", param_hint="'--restored'")
         if json_path == "-" and csv_path == "-":
             raise typer.BadParameter("only one of them can go to standard output", param_hint="'--json' / '--csv'")
         tile_size = _parse_tile(tile)

@@ -188,11 +188,14 @@ def test_python_api(folders: tuple[Path, Path], tmp_path: Path) -> None:
         (["--restored", "{restored}", "--input", "{restored}", "--target", "{targets}"], 2,
          "Invalid value for '--input' / '--restored': give --input (images to restore) or --restored (finished "
          "outputs), not both (see `mprnet eval --help`)"),
+        (["--restored", "{restored}", "--target", "{targets}", "--tlc"], 2,
+         "Invalid value for '--restored': --weights, --tlc and --ensemble shape a restoration: give them with "
+         "--input, not with --restored (finished outputs) (see `mprnet eval --help`)"),
         (["--restored", "{restored}", "--target", "{targets}", "--json", "-", "--csv", "-"], 2,
          "Invalid value for '--json' / '--csv': only one of them can go to standard output (see `mprnet eval --help`)"),
-        (["--restored", "{restored}", "--target", "{targets}", "--ensemble", "3"], 2,
+        (["--input", "{restored}", "--target", "{targets}", "--ensemble", "3"], 2,
          "Invalid value for '--ensemble': 3: expected one of 1, 2, 4, 8 (see `mprnet eval --help`)"),
-        (["--restored", "{restored}", "--target", "{targets}", "--tlc-train-size", "100"], 2,
+        (["--input", "{restored}", "--target", "{targets}", "--tlc-train-size", "100"], 2,
          "Invalid value for '--tlc-train-size': 100: expected a multiple of 8, as MPRNet's inputs are "
          "(see `mprnet eval --help`)"),
     ],

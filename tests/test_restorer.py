@@ -464,3 +464,11 @@ def test_ensemble_runs_one_forward_at_a_time_per_tile(tile: int) -> None:
 def test_ensemble_sizes_are_checked() -> None:
     with pytest.raises(ValueError, match="ensemble must be one of 1, 2, 4, 8, got 3"):
         Restorer(_identity_model(), device="cpu", ensemble=3)
+
+
+def test_the_fp32_twin_restores_as_its_restorer_was_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("mprnet_cli.devices.cpu_has_native_bf16", lambda: True)
+    auto = Restorer.from_checkpoint(TINY_CHECKPOINT, device="cpu", precision="auto", tile=32, tile_overlap=8,
+                                    tile_blend="core", tlc_train_size=64, ensemble=2)
+    twin = auto.restorer_for(np.dtype(np.uint16))
+    assert (twin.tile, twin.tile_overlap, twin.tile_blend, twin.tlc_train_size, twin.ensemble) == (32, 8, "core", 64, 2)
