@@ -149,11 +149,14 @@ def score_pairs(pairs: list[Pair], protocol: Protocol, restorer: Restorer | None
     """One score per pair, in order: each source restored by `restorer` when given
     (timed), else read as a finished output."""
     for pair in pairs:
-        source = _float_rgb(read_image(pair.source, max_pixels).pixels)
+        pixels = read_image(pair.source, max_pixels).pixels
+        source = _float_rgb(pixels)
         seconds = None
         if restorer is not None:
             started = time.perf_counter()
-            source = restorer.restore_array(source)
+            # Restored in float, so that each protocol rounds as it says; in the precision
+            # the file's own depth gets from the task commands (bf16 for 8-bit under auto).
+            source = restorer.restore_array(source, source_dtype=pixels.dtype)
             seconds = time.perf_counter() - started
         target = _float_rgb(read_image(pair.target, max_pixels).pixels)
         _check_shapes(pair, source, target, protocol, "restored" if restorer is None else "input")

@@ -212,3 +212,19 @@ def test_errors_are_one_line(folders: tuple[Path, Path], tmp_path: Path, argumen
     exit_code, out, err = _main(["deblur", *arguments], monkeypatch, capsys)
     assert (exit_code, out) == (code, "")
     assert err.splitlines()[-1:] == [f"error: {message.format(**names)}"]
+
+
+def test_eight_bit_inputs_are_restored_in_the_precision_the_task_commands_use(
+        folders: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Restored in float for the protocols, but an 8-bit file under precision auto still
+    runs in bf16 where that is native, as `mprnet deblur` would run it."""
+    monkeypatch.setattr("mprnet_cli.devices.cpu_has_native_bf16", lambda: True)
+    restored, targets = folders
+
+    def scores(precision: str) -> list[float]:
+        restorer = Restorer.from_checkpoint(TINY_CHECKPOINT, device="cpu", precision=precision)
+        result = evaluate.evaluate("deblur", str(targets), inputs=str(restored), restorer=restorer, metric="matlab-float")
+        return [score.psnr for score in result.scores]
+
+    auto, bf16, fp32 = scores("auto"), scores("bf16"), scores("fp32")
+    assert auto == bf16 and auto != fp32

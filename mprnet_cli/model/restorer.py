@@ -282,10 +282,13 @@ class Restorer:
             return self._restore_pil(image, progress)
         raise TypeError(f"expected a numpy array or a PIL image, got {type(image).__name__}")
 
-    def restore_array(self, array: np.ndarray, progress: Progress | None = None) -> np.ndarray:
-        """Any byte order in, the same out; HxWx1 stays HxWx1."""
+    def restore_array(self, array: np.ndarray, progress: Progress | None = None, *,
+                      source_dtype: np.dtype | None = None) -> np.ndarray:
+        """Any byte order in, the same out; HxWx1 stays HxWx1. `source_dtype`: the depth
+        the pixels had before the caller made them float, which picks the precision under
+        auto (default: the array's own)."""
         native = array.astype(array.dtype.newbyteorder("=")) if not array.dtype.isnative else array
-        restored = self.restorer_for(array.dtype)._restore_native(native, progress)
+        restored = self.restorer_for(source_dtype or array.dtype)._restore_native(native, progress)
         if array.ndim == 3 and array.shape[2] == 1:
             restored = restored[..., None]
         return restored.astype(array.dtype, copy=False)
