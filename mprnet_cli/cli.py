@@ -289,8 +289,9 @@ def _configure_logging(quiet: bool) -> None:
 
     warnings.showwarning = _show_warning
     # What decoders print or warn becomes one line per file, naming it. This moves our own
-    # stderr off descriptor 2 first, so the handler below must be made after it.
-    library_messages.install()
+    # stderr off descriptor 2 first, so the handler below must be made after it. Debugging
+    # leaves descriptor 2 alone: what a library prints as it crashes must reach the user.
+    library_messages.install(capture_descriptor=not _debugging())
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_StderrFormatter())
     logger.handlers[:] = [handler]
@@ -785,9 +786,14 @@ def eval_command(
         if (inputs is None) == (restored is None):
             raise typer.BadParameter("give --input (images to restore) or --restored (finished outputs), not both",
                                      param_hint="'--input' / '--restored'")
-        if restored is not None and (weights is not None or tlc or ensemble != 1):
-            raise typer.BadParameter("--weights, --tlc and --ensemble shape a restoration: give them with --input, "
-                                     "not with --restored (finished outputs)", param_hint="'--restored'")
+        model_options = {"--weights": weights is not None, "--device": device != "auto", "--precision": precision != "auto",
+                         "--tile": tile != "auto", "--tile-overlap": tile_overlap != 32,
+                         "--tile-blend": tile_blend != "feather", "--tlc": tlc, "--tlc-train-size": tlc_train_size != 256,
+                         "--ensemble": ensemble != 1}
+        given = [option for option, set_ in model_options.items() if set_]
+        if restored is not None and given:
+            raise typer.BadParameter(f"{', '.join(given)}: for restoring with --input; --restored scores "
+                                     "finished outputs as they are", param_hint="'--restored'")
         if json_path == "-" and csv_path == "-":
             raise typer.BadParameter("only one of them can go to standard output", param_hint="'--json' / '--csv'")
         tile_size = _parse_tile(tile)
@@ -817,6 +823,7 @@ def eval_command(
         settings = {"source": "input" if inputs is not None else "restored", "pair_by_order": pair_by_order}
         if restorer is not None:
             settings.update(device=str(restorer.device), precision=str(restorer.dtype).removeprefix("torch."),
+                            precision_beyond_8_bits=str(restorer.deep_dtype).removeprefix("torch."),
                             tile=tile, tile_overlap=tile_overlap, tile_blend=tile_blend,
                             tlc_train_size=tlc_train_size if tlc else None, ensemble=ensemble)
         for path, text in ((json_path, evaluate.to_json(result, name, settings) if json_path else None),

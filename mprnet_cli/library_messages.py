@@ -15,6 +15,7 @@ and a message printed by another thread during one is counted against that file.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
@@ -34,16 +35,18 @@ _capture: IO[bytes] | None = None
 _fallback_showwarning: Any = None
 
 
-def install() -> None:
-    """Route the C libraries' stderr and Pillow's warnings through `collect` for this process.
+def install(capture_descriptor: bool = True) -> None:
+    """Route the C libraries' stderr (unless `capture_descriptor` is False) and Pillow's
+    warnings through `collect` for this process.
 
     Idempotent for the descriptor; the warning hook is put back in place on every call,
     since test runners restore `warnings.showwarning` between tests.
     """
     global _capture, _fallback_showwarning
-    if _capture is None:
+    if _capture is None and capture_descriptor:
         _move_python_stderr_off_descriptor_2()
         _capture = tempfile.TemporaryFile()
+        atexit.register(_capture.close)
     if warnings.showwarning is not _show_warning:
         _fallback_showwarning = warnings.showwarning
         warnings.showwarning = _show_warning

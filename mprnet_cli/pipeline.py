@@ -236,23 +236,23 @@ def _plan(inputs: list[str], naming: OutputNaming) -> Plan:
 def _keep_source_extensions(sources: list[tuple[Path, Path]], named: set[Path], targets: list[str],
                             directory: Path | None, naming: OutputNaming) -> set[int]:
     """Rename, in `targets`, the outputs that found files would share (`a.jp2` and `a.j2k`
-    both to `a.png`): each keeps its source extension (`a.jp2.png`), except one whose
-    format is kept anyway (`a.png` beside `a.jp2.png`). A whole folder is not refused for
-    one clash, and the same inputs always get the same names, so a rerun skips them. Files
-    named on the command line keep their names: a clash of those is refused later.
-    Returns the indices renamed."""
+    both to `a.png`): each keeps its source extension (`a.jp2.png`, `a.j2k.png`), so a whole
+    folder is not refused for one clash. Every file of a clash is renamed, the one whose
+    format is kept too: an earlier run's `a.png`, made when the folder held `a.jp2` alone,
+    is then never taken for the new `a.png`'s result. Files named on the command line keep
+    their names, and files of the same name (from two folders) cannot be told apart by
+    it: such clashes are refused later. Returns the indices renamed."""
     groups: dict[Path, list[int]] = defaultdict(list)
     for index, target in enumerate(targets):
         if target != STDIO:
             groups[Path(target).resolve()].append(index)
     renamed = set()
     for indices in groups.values():
-        if len(indices) < 2:
+        if len(indices) < 2 or len({sources[i][0].name for i in indices}) < len(indices):
             continue
-        kept = [i for i in indices if sources[i][0].suffix.lower() == Path(targets[i]).suffix.lower()]
         for index in indices:
             source, relative = sources[index]
-            if source not in named and kept != [index]:
+            if source not in named:
                 targets[index] = _target_for(source, relative, directory, naming, keep_extension=True)
                 renamed.add(index)
     return renamed
@@ -281,7 +281,8 @@ def _check_writable(directory: Path, checked: set[Path]) -> None:
 def list_images(argument: str) -> list[tuple[Path, Path]]:
     """(image file, its path relative to `argument`) for a folder (walked recursively), a
     glob or one file; hidden, broken and non-image files left out, as a batch leaves them."""
-    return _collect_sources([argument], recursive=True)[0]
+    return [(path, relative) for path, relative in _collect_sources([argument], recursive=True)[0]
+            if not is_video_path(path)]
 
 
 def _collect_sources(

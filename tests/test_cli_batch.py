@@ -100,9 +100,9 @@ def test_colliding_names_in_a_folder_keep_their_extension_with_one_warning(tmp_p
     result = runner.invoke(app, ["deblur", str(tmp_path / "in"), "-o", str(out), "--ext", "png", *WEIGHTS])
     assert result.exit_code == 0, result.stderr
     lines = result.stderr.splitlines()
-    assert lines[0] == (f"warning: 1 output name(s) keep their input's extension, since another input would get "
+    assert lines[0] == (f"warning: 2 output name(s) keep their input's extension, since another input would get "
                         f"the same name ({tmp_path / 'in' / 'x.jpg'} -> {out / 'x.jpg.png'})")
-    assert sorted(path.name for path in out.iterdir()) == ["x.jpg.png", "x.png"]
+    assert sorted(path.name for path in out.iterdir()) == ["x.jpg.png", "x.png.png"]
     assert sum(line.startswith("warning: ") for line in lines) == 1
 
 

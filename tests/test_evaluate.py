@@ -189,8 +189,11 @@ def test_python_api(folders: tuple[Path, Path], tmp_path: Path) -> None:
          "Invalid value for '--input' / '--restored': give --input (images to restore) or --restored (finished "
          "outputs), not both (see `mprnet eval --help`)"),
         (["--restored", "{restored}", "--target", "{targets}", "--tlc"], 2,
-         "Invalid value for '--restored': --weights, --tlc and --ensemble shape a restoration: give them with "
-         "--input, not with --restored (finished outputs) (see `mprnet eval --help`)"),
+         "Invalid value for '--restored': --tlc: for restoring with --input; --restored scores finished outputs "
+         "as they are (see `mprnet eval --help`)"),
+        (["--restored", "{restored}", "--target", "{targets}", "--tile", "512", "--precision", "fp16"], 2,
+         "Invalid value for '--restored': --precision, --tile: for restoring with --input; --restored scores "
+         "finished outputs as they are (see `mprnet eval --help`)"),
         (["--restored", "{restored}", "--target", "{targets}", "--json", "-", "--csv", "-"], 2,
          "Invalid value for '--json' / '--csv': only one of them can go to standard output (see `mprnet eval --help`)"),
         (["--input", "{restored}", "--target", "{targets}", "--ensemble", "3"], 2,

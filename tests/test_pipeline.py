@@ -153,17 +153,34 @@ def test_found_files_that_share_an_output_keep_their_source_extension(tmp_path: 
     naming = OutputNaming("deblur", output=str(tmp_path / "out"), extension=".png")
     plan = plan_jobs([str(tmp_path / "in")], naming)
     out = tmp_path / "out"
-    # x.png keeps its plain name: its format is the output's anyway.
     assert {Path(job.source).name: job.target for job in plan.jobs} == {
-        "x.jp2": str(out / "x.jp2.png"), "x.jpg": str(out / "x.jpg.png"), "x.png": str(out / "x.png"),
+        "x.jp2": str(out / "x.jp2.png"), "x.jpg": str(out / "x.jpg.png"), "x.png": str(out / "x.png.png"),
         "y.jp2": str(out / "y.png"),
     }
-    assert sorted(Path(job.source).name for job in plan.renamed) == ["x.jp2", "x.jpg"]
+    assert sorted(Path(job.source).name for job in plan.renamed) == ["x.jp2", "x.jpg", "x.png"]
     # The same names on a rerun, so that the outputs written are skipped.
     for job in plan.jobs:
         write_image(Path(job.target))
     rerun = plan_jobs([str(tmp_path / "in")], naming)
     assert rerun.jobs == [] and len(rerun.skipped) == 4
+
+
+def test_a_file_added_beside_one_restored_before_is_not_taken_for_done(tmp_path: Path) -> None:
+    """a.ppm alone was restored as a_deblurred.png; with a.png added, that file is neither
+    a.png's result nor an input."""
+    write_image(tmp_path / "a.ppm")
+    write_image(tmp_path / "a_deblurred.png")  # the first run's output
+    write_image(tmp_path / "a.png")
+    plan = plan_jobs([str(tmp_path)], OutputNaming("deblur"))
+    assert sorted((Path(job.source).name, Path(job.target).name) for job in plan.jobs) == [
+        ("a.png", "a.png_deblurred.png"), ("a.ppm", "a.ppm_deblurred.png"), ("a_deblurred.png", "a_deblurred_deblurred.png")]
+
+
+def test_files_of_one_name_in_two_folders_are_refused_under_their_own_name(tmp_path: Path) -> None:
+    one, two = write_image(tmp_path / "d1" / "a.png"), write_image(tmp_path / "d2" / "a.png")
+    with pytest.raises(OutputError) as error:
+        plan_jobs([str(tmp_path / "d1"), str(tmp_path / "d2")], OutputNaming("deblur", output=str(tmp_path / "out")))
+    assert error.value.message.startswith(f"{one} and {two} would both be written to {tmp_path / 'out' / 'a.png'};")
 
 
 def test_found_files_of_one_format_clashing_all_keep_their_extension(tmp_path: Path) -> None:

@@ -403,9 +403,13 @@ def test_the_fp32_twin_is_made_only_under_auto_and_only_when_needed(monkeypatch:
     monkeypatch.setattr("mprnet_cli.devices.cpu_has_native_bf16", lambda: True)
     auto = Restorer.from_checkpoint(TINY_CHECKPOINT, device="cpu", precision="auto")
     assert auto._fp32_twin is None and auto._fp32_model is not None
-    for precision in ("bf16", "fp32"):
+    assert (auto.dtype, auto.deep_dtype) == (torch.bfloat16, torch.float32)
+    auto.restorer_for(np.dtype(np.uint16))
+    assert auto.deep_dtype == torch.float32
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         named = Restorer.from_checkpoint(TINY_CHECKPOINT, device="cpu", precision=precision)
         assert named.restorer_for(np.dtype(np.uint16)) is named and named._fp32_model is None
+        assert named.deep_dtype == dtype
 
 
 # --- Self-ensemble ------------------------------------------------------------------------

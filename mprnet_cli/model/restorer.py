@@ -293,6 +293,11 @@ class Restorer:
             restored = restored[..., None]
         return restored.astype(array.dtype, copy=False)
 
+    @property
+    def deep_dtype(self) -> torch.dtype:
+        """The precision 16-bit and float images run in (fp32 under auto, else `dtype`)."""
+        return torch.float32 if self._fp32_model is not None or self._fp32_twin is not None else self.dtype
+
     def restorer_for(self, dtype: np.dtype) -> Restorer:
         """This restorer, or for images deeper than 8 bits under precision auto, its fp32 twin."""
         if np.dtype(dtype) == np.uint8 or (self._fp32_model is None and self._fp32_twin is None):
