@@ -218,9 +218,11 @@ class Colour:
         limited range unless the pixel format is a full-range (`yuvj`) one."""
         matrix = frame.colorspace
         if matrix not in _SWSCALE_MATRICES:
+            guess = _MATRIX_BT709 if frame.height >= HD_LINES else _MATRIX_SMPTE170M
             if matrix != _MATRIX_UNSPECIFIED:
-                logger.warning("colour matrix %d is not supported; converting as BT.709", matrix)
-            matrix = _MATRIX_BT709 if frame.height >= HD_LINES else _MATRIX_SMPTE170M
+                logger.warning("colour matrix %d is not supported; converting as %s", matrix,
+                               "BT.709" if guess == _MATRIX_BT709 else "BT.601")
+            matrix = guess
         colour_range = frame.color_range
         if colour_range == _RANGE_UNSPECIFIED:
             colour_range = _RANGE_FULL if frame.format.name.startswith("yuvj") else _RANGE_LIMITED
