@@ -252,15 +252,17 @@ def _orient(pixels: np.ndarray, orientation: int) -> np.ndarray:
     return transforms[orientation](pixels) if orientation in transforms else pixels
 
 
-def format_for(path: Path) -> str:
-    """The Pillow format name for an output path's extension."""
-    fmt = FORMATS.get(path.suffix.lower())
+def format_for(path: str | os.PathLike[str]) -> str:
+    """The Pillow format name for an output path's extension (a local path or a store's URI,
+    which `Path` would spell `s3:/` in messages)."""
+    suffix = os.path.splitext(os.fspath(path))[1]
+    fmt = FORMATS.get(suffix.lower())
     if fmt is None:
         known = ", ".join(sorted(FORMATS))
-        if not path.suffix:
+        if not suffix:
             raise OutputError(f"{path}: no extension to choose the output format by ({known}); "
                               f"for a directory, write {path}/")
-        raise OutputError(f"{path}: unknown output format {path.suffix!r}; use one of {known}")
+        raise OutputError(f"{path}: unknown output format {suffix!r}; use one of {known}")
     return fmt
 
 

@@ -30,8 +30,10 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath, PurePosixPath
+from typing import BinaryIO
 
+from mprnet_cli import storage
 from mprnet_cli.devices import resolve_device, resolve_precision
 from mprnet_cli.errors import InputError, MprnetError, OutputError
 from mprnet_cli.imageio import (FORMATS, Picture, decode_image, encode_image, format_for, opens_as_an_image, read_image,
@@ -108,22 +110,50 @@ class OutputNaming:
     recursive: bool = False
 
 
-def _looks_like_an_image(path: Path, image_extensions: set[str]) -> bool:
+def _looks_like_an_image(source: str, image_extensions: set[str]) -> bool:
     """Known image and video extensions are taken on trust (a broken one fails visibly
-    later); anything else is sniffed, so an image is known by its content."""
-    return path.suffix.lower() in image_extensions or is_video_path(path) or opens_as_an_image(path)
+    later); any other local file is sniffed, so an image is known by its content. A store's
+    objects are not: planning never downloads them."""
+    extension = _pure(source).suffix.lower()
+    if extension in image_extensions or extension in CONTAINERS:
+        return True
+    return not storage.is_uri(source) and opens_as_an_image(Path(source))
+
+
+def _pure(location: str) -> PurePath:
+    """A path or URI for its name, stem and suffix only (`Path` would make `s3://` `s3:/`)."""
+    return PurePosixPath(location) if storage.is_uri(location) else Path(location)
+
+
+def _identity(location: str) -> str:
+    """What two names of one file share: the resolved path, or a URI as written."""
+    return location if storage.is_uri(location) else str(Path(location).resolve())
+
+
+def _beside(source: str, name: str) -> str:
+    if storage.is_uri(source):
+        return source.rsplit("/", 1)[0] + "/" + name
+    return str(Path(source).with_name(name))
+
+
+def _inside(directory: str, folder: PurePath, name: str) -> str:
+    if storage.is_uri(directory):
+        return "/".join([directory.rstrip("/"), *folder.parts, name])
+    return str(Path(directory) / folder / name)
 
 
 def _is_hidden(relative: Path) -> bool:
     return any(part.startswith(".") for part in relative.parts)
 
 
-def _expand(argument: str, recursive: bool) -> list[tuple[Path, Path]] | None:
+def _expand(argument: str, recursive: bool, listings: list[storage.Listing]) -> list[tuple[str, PurePath]] | None:
     """(file, path relative to the argument's root) for a directory or a glob; None for a plain path."""
+    if storage.is_uri(argument):
+        return _expand_uri(argument, recursive, listings)
     path = Path(argument)
     if path.is_dir():
         pattern = "**/*" if recursive else "*"
-        return [(p, p.relative_to(path)) for p in sorted(path.glob(pattern)) if p.is_file() or _is_broken_link(p)]
+        return [(str(p), p.relative_to(path)) for p in sorted(path.glob(pattern)) if p.is_file() or _is_broken_link(p)]
     if glob.has_magic(argument) and not path.exists():  # `photo[1].png` that exists is that file
         # Mirror structure below the pattern's literal leading folders: `shots/*/x.png` -> `<day>/x.png`.
         literal = []
@@ -133,8 +163,25 @@ def _expand(argument: str, recursive: bool) -> list[tuple[Path, Path]] | None:
             literal.append(part)
         root = Path(*literal) if literal else Path()
         matches = sorted(Path(p) for p in glob.glob(argument, recursive=recursive))
-        return [(p, p.relative_to(root)) for p in matches if p.is_file() or _is_broken_link(p)]
+        return [(str(p), p.relative_to(root)) for p in matches if p.is_file() or _is_broken_link(p)]
     return None
+
+
+def _expand_uri(argument: str, recursive: bool, listings: list[storage.Listing]) -> list[tuple[str, PurePath]] | None:
+    """As `_expand`, for a store, in one listing: a prefix is a folder, and a glob lists its
+    literal leading folders as deep as its pattern reaches. Recorded in `listings`, which
+    then say which outputs beside the inputs exist."""
+    if glob.has_magic(argument.split("://", 1)[1]):
+        listing, matches = storage.glob(argument, recursive)
+    else:
+        listing = storage.list_folder(argument, None if recursive else 1)
+        if not listing.files:
+            raise InputError(f"{argument}: no such file or directory")
+        if listing.files == {listing.folder}:  # one object, named
+            return None
+        matches = sorted(listing.files)
+    listings.append(listing)
+    return [(uri, PurePosixPath(uri[len(listing.folder) + 1:])) for uri in matches]
 
 
 def _is_broken_link(path: Path) -> bool:
@@ -146,12 +193,12 @@ def default_target(source: Path, task: str) -> Path:
     return source.with_name(f"{source.stem}{TASK_SUFFIXES[task]}{_own_extension(source)}")
 
 
-def _own_extension(source: Path) -> str:
+def _own_extension(source: PurePath) -> str:
     """An image keeps its format where we write it, a clip its container."""
     return source.suffix if source.suffix.lower() in FORMATS or is_video_path(source) else DEFAULT_EXTENSION
 
 
-def _extension_for(source: Path, naming: OutputNaming) -> str:
+def _extension_for(source: PurePath, naming: OutputNaming) -> str:
     """`--ext` applies to inputs of its own kind: an image format to images, a container to clips."""
     if naming.extension and (naming.extension in CONTAINERS) == is_video_path(source):
         return naming.extension
@@ -188,53 +235,67 @@ def _plan(inputs: list[str], naming: OutputNaming) -> Plan:
         # A clip on standard input is announced by its output: --ext mkv, or -o clip.mkv.
         video = naming.extension in CONTAINERS or (target != STDIO and is_video_path(target))
         if target != STDIO:
-            if Path(target).is_dir() or target.endswith(("/", os.sep)):
+            if target.endswith(("/", os.sep)) or (not storage.is_uri(target) and Path(target).is_dir()):
                 raise OutputError(f"{target}: one image from standard input needs an output file name, or -o -")
             _named_output(naming, video)
-            _check_writable(Path(target).parent, set())
+            if not storage.is_uri(target):
+                _check_writable(Path(target).parent, set())
         return Plan([Job(STDIO, target, _container(target, naming) if video else None)])
 
-    sources, named, skipped, batch = _collect_sources(inputs, naming.recursive)
+    listings: list[storage.Listing] = []  # what the store listings saw, inputs' and outputs'
+    sources, named, skipped, batch = _collect_sources(inputs, naming.recursive, listings)
     if not sources:
         raise InputError("no images or videos found in " + ", ".join(inputs) + (" (hidden and non-image files are skipped)" if skipped else ""))
-    directory = _output_directory(naming.output, batch)
+    directory = _output_directory(naming.output, batch, listings)
     if naming.output == STDIO and (batch or len(sources) > 1):
         raise OutputError("-o - writes one image to standard output; give one input, or an output directory")
 
     targets = [_target_for(source, relative, directory, naming) for source, relative in sources]
     renamed = _keep_source_extensions(sources, named, targets, directory, naming)
     videos = [_container(target, naming) if is_video_path(source) else None for (source, _), target in zip(sources, targets)]
-    resolved_targets = [None if target == STDIO else Path(target).resolve() for target in targets]
+    identities = [None if target == STDIO else _identity(target) for target in targets]
     # A folder restored before holds its outputs beside their inputs: those are results, not inputs.
-    produced_by = {resolved: source for (source, _), resolved in zip(sources, resolved_targets) if resolved}
+    produced_by = {identity: source for (source, _), identity in zip(sources, identities) if identity}
     jobs, renamed_jobs, seen, writable = [], [], {}, set()
-    for index, ((source, _), target, resolved, video) in enumerate(zip(sources, targets, resolved_targets, videos)):
+    for index, ((source, _), target, identity, video) in enumerate(zip(sources, targets, identities, videos)):
         if index in renamed:
-            renamed_jobs.append(Job(str(source), target, video))
-        resolved_source = source.resolve()
-        maker = produced_by.get(resolved_source)
+            renamed_jobs.append(Job(source, target, video))
+        source_identity = _identity(source)
+        maker = produced_by.get(source_identity)
         if maker is not None and maker != source:
-            skipped.append((str(source), f"it is the output of {maker}"))
+            skipped.append((source, f"it is the output of {maker}"))
             continue
-        if resolved is not None:
-            if resolved == resolved_source:
+        if identity is not None:
+            if identity == source_identity:
                 raise OutputError(f"{target}: refusing to overwrite the input; choose another output name or --suffix")
-            if resolved in seen:
-                raise OutputError(f"{seen[resolved]} and {source} would both be written to {target}; "
+            if identity in seen:
+                raise OutputError(f"{seen[identity]} and {source} would both be written to {target}; "
                                   "rename one, or restore them in separate runs")
-            seen[resolved] = source
-            if Path(target).is_dir():
+            seen[identity] = source
+            if not storage.is_uri(target) and Path(target).is_dir():
                 raise OutputError(f"{target}: is a directory; give a file name")
-            if Path(target).exists() and not naming.overwrite:
-                skipped.append((str(source), f"{target} exists (use --overwrite to redo it)"))
+            if not naming.overwrite and _exists(target, listings):
+                skipped.append((source, f"{target} exists (use --overwrite to redo it)"))
                 continue
-            _check_writable(Path(target).parent, writable)
-        jobs.append(Job(str(source), target, video))
+            if not storage.is_uri(target):
+                _check_writable(Path(target).parent, writable)
+        jobs.append(Job(source, target, video))
     return Plan(jobs, skipped, batch, renamed_jobs)
 
 
-def _keep_source_extensions(sources: list[tuple[Path, Path]], named: set[Path], targets: list[str],
-                            directory: Path | None, naming: OutputNaming) -> set[int]:
+def _exists(target: str, listings: list[storage.Listing]) -> bool:
+    """Whether an output is there already; on a store, as the planning's listings saw it,
+    and only where none looked, by asking the store."""
+    if not storage.is_uri(target):
+        return Path(target).exists()
+    for listing in listings:
+        if listing.covers(target):
+            return target in listing.files
+    return storage.exists(target)
+
+
+def _keep_source_extensions(sources: list[tuple[str, PurePath]], named: set[str], targets: list[str],
+                            directory: str | None, naming: OutputNaming) -> set[int]:
     """Rename, in `targets`, the outputs that found files would share (`a.jp2` and `a.j2k`
     both to `a.png`): each keeps its source extension (`a.jp2.png`, `a.j2k.png`), so a whole
     folder is not refused for one clash. Every file of a clash is renamed, the one whose
@@ -242,13 +303,13 @@ def _keep_source_extensions(sources: list[tuple[Path, Path]], named: set[Path], 
     is then never taken for the new `a.png`'s result. Files named on the command line keep
     their names, and files of the same name (from two folders) cannot be told apart by
     it: such clashes are refused later. Returns the indices renamed."""
-    groups: dict[Path, list[int]] = defaultdict(list)
+    groups: dict[str, list[int]] = defaultdict(list)
     for index, target in enumerate(targets):
         if target != STDIO:
-            groups[Path(target).resolve()].append(index)
+            groups[_identity(target)].append(index)
     renamed = set()
     for indices in groups.values():
-        if len(indices) < 2 or len({sources[i][0].name for i in indices}) < len(indices):
+        if len(indices) < 2 or len({_pure(sources[i][0]).name for i in indices}) < len(indices):
             continue
         for index in indices:
             source, relative = sources[index]
@@ -278,81 +339,107 @@ def _check_writable(directory: Path, checked: set[Path]) -> None:
     os.unlink(probe)
 
 
-def list_images(argument: str) -> list[tuple[Path, Path]]:
-    """(image file, its path relative to `argument`) for a folder (walked recursively), a
-    glob or one file; hidden, broken and non-image files left out, as a batch leaves them."""
-    return [(path, relative) for path, relative in _collect_sources([argument], recursive=True)[0]
-            if not is_video_path(path)]
+def list_images(argument: str) -> list[tuple[Path, PurePath]]:
+    """(image file, its path relative to `argument`) for a local folder (walked recursively),
+    a glob or one file; hidden, broken and non-image files left out, as a batch leaves them."""
+    return [(Path(source), relative) for source, relative in _collect_sources([argument], True, [])[0]
+            if not is_video_path(source)]
 
 
 def _collect_sources(
-    inputs: list[str], recursive: bool,
-) -> tuple[list[tuple[Path, Path]], set[Path], list[tuple[str, str]], bool]:
+    inputs: list[str], recursive: bool, listings: list[storage.Listing],
+) -> tuple[list[tuple[str, PurePath]], set[str], list[tuple[str, str]], bool]:
     """All image files named by `inputs`, with their relative paths; those of them named
     on the command line; what was skipped; and whether this is a batch (a directory, a
-    glob or several inputs)."""
+    glob or several inputs). The store listings made on the way are added to `listings`."""
     image_extensions = readable_extensions()
-    sources: list[tuple[Path, Path]] = []
+    sources: list[tuple[str, PurePath]] = []
     skipped: list[tuple[str, str]] = []
-    named: set[Path] = set()  # resolved, to find a file named twice
-    named_paths: set[Path] = set()
+    named: set[str] = set()  # identities, to find a file named twice
+    named_sources: set[str] = set()
     batch = len(inputs) > 1
     for argument in inputs:
-        expanded = _expand(argument, recursive)
+        expanded = _expand(argument, recursive, listings)
         if expanded is None:
-            path = Path(argument)
-            if not path.exists():
+            if not storage.is_uri(argument) and not Path(argument).exists():  # a URI's listing found it
                 raise InputError(f"{argument}: no such file or directory")
-            resolved = path.resolve()
-            if resolved in named:
-                skipped.append((str(path), "named more than once"))
+            source = argument if storage.is_uri(argument) else str(Path(argument))
+            identity = _identity(source)
+            if identity in named:
+                skipped.append((source, "named more than once"))
             else:
-                named.add(resolved)
-                named_paths.add(path)
-                sources.append((path, Path(path.name)))
+                named.add(identity)
+                named_sources.add(source)
+                sources.append((source, PurePath(_pure(source).name)))
             continue
         batch = True
-        # A glob leaves hidden files out itself unless its pattern asks for them (`.*`).
-        in_directory = Path(argument).is_dir()
-        for path, relative in expanded:
+        # A glob leaves hidden files out itself unless its pattern asks for them (`.*`); a
+        # store's glob matches them, and leaves them out here as a folder does.
+        in_directory = storage.is_uri(argument) or Path(argument).is_dir()
+        for source, relative in expanded:
             if in_directory and _is_hidden(relative):
-                skipped.append((str(path), "hidden"))
-            elif _is_broken_link(path):
-                skipped.append((str(path), "a broken link"))
-            elif not _looks_like_an_image(path, image_extensions):
-                skipped.append((str(path), "not an image"))
+                skipped.append((source, "hidden"))
+            elif not storage.is_uri(source) and _is_broken_link(Path(source)):
+                skipped.append((source, "a broken link"))
+            elif not _looks_like_an_image(source, image_extensions):
+                skipped.append((source, "not an image"))
             else:
-                sources.append((path, relative))
-    return sources, named_paths, skipped, batch
+                sources.append((source, relative))
+    return sources, named_sources, skipped, batch
 
 
-def _output_directory(output: str | None, batch: bool) -> Path | None:
+def _output_directory(output: str | None, batch: bool, listings: list[storage.Listing]) -> str | None:
     """The directory outputs go into, or None for 'beside each input' / a single named file."""
     if output is None or output == STDIO:
         return None
+    if storage.is_uri(output):
+        return _output_prefix(output, batch, listings)
     path = Path(output)
     if batch or path.is_dir() or output.endswith(("/", os.sep)):
         if path.exists() and not path.is_dir():
             raise OutputError(f"{output}: is a file; with several inputs or a directory, -o must be a directory")
-        looks_like_a_file = path.suffix.lower() in FORMATS or is_video_path(path)
-        if not path.exists() and looks_like_a_file and not output.endswith(("/", os.sep)):
-            raise OutputError(f"{output}: several inputs need an output directory, not a file name "
-                              f"(for a directory of that name, write {output}/)")
-        return path
+        if not path.exists() and _looks_like_a_file(output):
+            raise OutputError(_NOT_A_DIRECTORY.format(output=output))
+        return str(path)
     return None
 
 
-def _target_for(source: Path, relative: Path, directory: Path | None, naming: OutputNaming,
+_NOT_A_DIRECTORY = ("{output}: several inputs need an output directory, not a file name "
+                    "(for a directory of that name, write {output}/)")
+
+
+def _looks_like_a_file(output: str) -> bool:
+    extension = _pure(output).suffix.lower()
+    return (extension in FORMATS or extension in CONTAINERS) and not output.endswith(("/", os.sep))
+
+
+def _output_prefix(output: str, batch: bool, listings: list[storage.Listing]) -> str | None:
+    """`_output_directory` on a store, where a folder is a prefix that holds objects, or one
+    the user marks with `/`; its one listing says which outputs exist."""
+    if not batch and _looks_like_a_file(output):
+        return None  # one image, to an object of that name
+    listing = storage.list_folder(output, error=OutputError)
+    holds_objects = bool(listing.files - {listing.folder})
+    if not (batch or holds_objects or output.endswith("/")):
+        return None
+    if _looks_like_a_file(output) and not holds_objects:
+        raise OutputError(_NOT_A_DIRECTORY.format(output=output))
+    listings.append(listing)
+    return listing.folder
+
+
+def _target_for(source: str, relative: PurePath, directory: str | None, naming: OutputNaming,
                 keep_extension: bool = False) -> str:
     if naming.output == STDIO:
         return STDIO
     if directory is None and naming.output is not None:
         return _named_output(naming, is_video_path(source))
     suffix = naming.suffix if naming.suffix is not None else ("" if directory else TASK_SUFFIXES[naming.task])
-    name = f"{source.name if keep_extension else source.stem}{suffix}{_extension_for(source, naming)}"
+    pure = _pure(source)
+    name = f"{pure.name if keep_extension else pure.stem}{suffix}{_extension_for(pure, naming)}"
     if directory is None:
-        return str(source.with_name(name))
-    return str(directory / relative.parent / name)
+        return _beside(source, name)
+    return _inside(directory, relative.parent, name)
 
 
 def check_device_options(device: str, precision: str) -> None:
@@ -372,7 +459,7 @@ def _named_output(naming: OutputNaming, video: bool) -> str:
     else:
         if extension in CONTAINERS:
             raise OutputError(f"{output}: an image cannot be written as a video; give an image file name")
-        fmt = format_for(Path(output))
+        fmt = format_for(output)
         contradicts = naming.extension in FORMATS and FORMATS[naming.extension] != fmt
     if contradicts:
         raise OutputError(f"--ext {naming.extension.lstrip('.')} contradicts -o {output}; drop one of them")
@@ -416,17 +503,24 @@ def restore_picture(restorer: Restorer, picture: Picture, progress: Progress | N
     return picture.with_pixels(restorer.restore_array(picture.pixels, progress))
 
 
-def _read(source: str, max_pixels: int | None) -> Picture:
+def read_source(source: str, max_pixels: int | None) -> Picture:
+    """Decode one job's image: standard input (`-`), a file, or a store's object (`s3://...`).
+    Raises `InputError` with the source's name for anything that goes wrong."""
     if source == STDIO:
         if sys.stdin is None:  # started with `<&-`
             raise InputError("-: standard input is closed")
         return decode_image(sys.stdin.buffer.read(), "stdin", max_pixels)
+    if storage.is_uri(source):
+        return decode_image(storage.read_bytes(source), source, max_pixels)
     return read_image(Path(source), max_pixels)
 
 
-def _write(picture: Picture, target: str, stdout_format: str, quality: int) -> None:
+def write_target(picture: Picture, target: str, stdout_format: str, quality: int) -> None:
+    """Encode one job's image by its target's extension (`stdout_format` for `-`) and write
+    it whole: a file through a temporary name, with the folders it needs; a store's object
+    in one PUT. Raises `OutputError` with the target's name; a failed write leaves nothing."""
     to_stdout = target == STDIO
-    fmt = stdout_format if to_stdout else format_for(Path(target))
+    fmt = stdout_format if to_stdout else format_for(target)
     label = "stdout" if to_stdout else target
     try:
         data = encode_image(picture, fmt, quality, label)
@@ -434,6 +528,9 @@ def _write(picture: Picture, target: str, stdout_format: str, quality: int) -> N
         raise OutputError(f"{label}: cannot encode as {fmt} ({error})") from None
     if to_stdout:
         _write_stdout(data)
+        return
+    if storage.is_uri(target):
+        storage.write_bytes(target, data)
         return
     path = Path(target)
     with _folders_for(path):
@@ -530,7 +627,7 @@ class _Stages:
         for job in self._jobs:
             item, reading = _Decoded(job), time.perf_counter()
             try:
-                item.picture = _read(job.source, self._max_pixels)
+                item.picture = read_source(job.source, self._max_pixels)
             except MprnetError as error:
                 item.error = error
             except Exception as error:  # a dead reader would stall the batch; keep it per image
@@ -548,7 +645,7 @@ class _Stages:
                 return
             decoded, restored, compute_seconds = item  # type: ignore[misc]
             try:
-                _write(restored, decoded.job.target, self._stdout_format, self._quality)
+                write_target(restored, decoded.job.target, self._stdout_format, self._quality)
             except Exception as error:  # a dead writer would stall the batch; keep it per image
                 if not isinstance(error, MprnetError):
                     logger.debug("writing %s failed", decoded.job.target, exc_info=True)
@@ -629,11 +726,11 @@ def _restore_clip(restorer: Restorer, job: Job, encoding: Encoding, span: Span,
             raise InputError("-: standard input is closed")
         if job.target == STDIO and sys.stdout is None:
             raise OutputError("standard output is closed; give -o a file or a directory")
-        source = sys.stdin.buffer if job.source == STDIO else job.source
-        target = sys.stdout.buffer if job.target == STDIO else job.target
-        with contextlib.nullcontext() if job.target == STDIO else _folders_for(Path(job.target)):
+        with _clip_files(job) as (source, target):
             summary = video.restore_video(restorer, source, target, container=job.video, encoding=encoding,
-                                          span=span, progress=on_frames)
+                                          span=span, progress=on_frames,
+                                          source_label=None if job.source == STDIO else job.source,
+                                          target_label=None if job.target == STDIO else job.target)
     except MprnetError as error:
         return Outcome(job, error=error, seconds=time.perf_counter() - started)
     except Exception as error:  # keep it per clip, as images do
@@ -648,6 +745,30 @@ def _restore_clip(restorer: Restorer, job: Job, encoding: Encoding, span: Span,
     return Outcome(job, error=problem, megapixels=summary.frames * summary.width * summary.height / 1e6,
                    seconds=summary.seconds, compute_seconds=summary.compute_seconds, frames=summary.frames,
                    duration=summary.duration)
+
+
+@contextlib.contextmanager
+def _clip_files(job: Job) -> Iterator[tuple[str | BinaryIO, str | BinaryIO]]:
+    """Where a clip is read and written: standard input and output, local files, or for a
+    store's objects local copies (a clip is decoded and muxed with seeks, which a store
+    does not offer): the source downloaded first, the result uploaded whole at the end,
+    and neither if the block fails."""
+    source: str | BinaryIO = sys.stdin.buffer if job.source == STDIO else job.source
+    target: str | BinaryIO = sys.stdout.buffer if job.target == STDIO else job.target
+    remote_source, remote_target = storage.is_uri(job.source), storage.is_uri(job.target)
+    with contextlib.ExitStack() as stack:
+        if remote_source or remote_target:
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mprnet-clip-")))
+        if remote_source:
+            source = str(folder / f"source{_pure(job.source).suffix}")
+            storage.download(job.source, Path(source))
+        if remote_target:
+            target = str(folder / f"restored{job.video}")
+        elif job.target != STDIO:
+            stack.enter_context(_folders_for(Path(job.target)))
+        yield source, target
+        if remote_target:
+            storage.upload(Path(target), job.target)
 
 
 def _run_images(restorer: Restorer, jobs: list[Job], quality: int, max_pixels: int | None, stdout_format: str,

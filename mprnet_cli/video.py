@@ -300,15 +300,19 @@ def restore_video(
     encoding: Encoding = Encoding(),
     span: Span = Span(),
     progress: FrameProgress | None = None,
+    source_label: str | None = None,
+    target_label: str | None = None,
 ) -> VideoSummary:
     """Restore a clip from `source` (a path, or a readable binary file such as stdin) into
     `target` (a path, written atomically, or a writable binary file such as stdout).
 
     `container` names the output format by extension (`.mkv`); None takes it from the
-    target path. Raises `MprnetError` with one line for anything a user can meet. The
-    frames are restored by `restorer` with one tile shape for the whole clip.
+    target path. Raises `MprnetError` with one line for anything a user can meet, naming
+    the files by their labels (by default their paths, or stdin and stdout: a local copy of
+    a store's object is named by its URI). The frames are restored by `restorer` with one
+    tile shape for the whole clip.
     """
-    label = str(source) if isinstance(source, (str, Path)) else "stdin"
+    label = source_label or (str(source) if isinstance(source, (str, Path)) else "stdin")
     av = import_av(label)
     extension = container or (Path(target).suffix.lower() if isinstance(target, (str, Path)) else None)
     if extension not in CONTAINERS:
@@ -320,9 +324,11 @@ def restore_video(
             first = reader.first()
             if isinstance(target, (str, Path)):
                 with atomic_file(Path(target)) as handle:
-                    result = _run(av, restorer, reader, first, handle, extension, encoding, progress, str(target))
+                    result = _run(av, restorer, reader, first, handle, extension, encoding, progress,
+                                  target_label or str(target))
             else:
-                result = _run(av, restorer, reader, first, target, extension, encoding, progress, "stdout")
+                result = _run(av, restorer, reader, first, target, extension, encoding, progress,
+                              target_label or "stdout")
         finally:
             reader.close()
     frames, duration, damaged, compute_seconds = result
