@@ -175,7 +175,7 @@ def _expand_uri(argument: str, recursive: bool, listings: list[storage.Listing])
         listing, matches = storage.glob(argument, recursive)
     else:
         listing = storage.list_folder(argument, None if recursive else 1)
-        if not listing.files:
+        if not listing.found:
             raise InputError(f"{argument}: no such file or directory")
         if listing.files == {listing.folder}:  # one object, named
             return None
@@ -377,7 +377,9 @@ def _collect_sources(
         # store's glob matches them, and leaves them out here as a folder does.
         in_directory = storage.is_uri(argument) or Path(argument).is_dir()
         for source, relative in expanded:
-            if in_directory and _is_hidden(relative):
+            if relative.is_absolute() or ".." in relative.parts:  # a store's key, `in//a.png` or `in/../a.png`
+                skipped.append((source, "an empty or `..` part in its name, which no folder can mirror"))
+            elif in_directory and _is_hidden(relative):
                 skipped.append((source, "hidden"))
             elif not storage.is_uri(source) and _is_broken_link(Path(source)):
                 skipped.append((source, "a broken link"))

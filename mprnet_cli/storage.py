@@ -45,6 +45,8 @@ class Listing:
     folder: str
     depth: int | None
     files: frozenset[str]
+    #: Whether anything is there: objects, or folders holding some deeper than `depth`.
+    found: bool
 
     def covers(self, uri: str) -> bool:
         """Whether `uri` lies where this listing looked: its absence from `files` means it does not exist."""
@@ -58,14 +60,18 @@ def list_folder(uri: str, depth: int | None = None, error: type[MprnetError] = I
     listing. A prefix that holds nothing gives an empty listing; a missing bucket is an
     `error` (an input's, or an output's)."""
     folder = uri.rstrip("/")
-    fs, path = _filesystem(folder, "list", error)
+    fs, path = _filesystem(folder, error)
     path = path.rstrip("/")
     with _store_errors(folder, "list", error):
-        found = fs.find(path, maxdepth=depth)
+        found = fs.find(path, maxdepth=depth, withdirs=depth is not None, detail=True)
+        if not found and depth is not None:
+            # A listing one level deep finds a missing bucket empty; a full listing of
+            # nothing costs as little, and says so.
+            fs.find(path)
     # `find` gives names without the protocol, as the store spells them: rebuild the user's.
     files = frozenset(folder if name.rstrip("/") == path else folder + name[len(path):]
-                      for name in found if name.startswith(path))
-    return Listing(folder, depth, files)
+                      for name, info in found.items() if info.get("type") != "directory" and name.startswith(path))
+    return Listing(folder, depth, files, bool(found))
 
 
 def glob(pattern: str, recursive: bool) -> tuple[Listing, list[str]]:
@@ -89,7 +95,7 @@ def glob(pattern: str, recursive: bool) -> tuple[Listing, list[str]]:
 
 def read_bytes(uri: str) -> bytes:
     """The whole object, in one GET."""
-    fs, path = _filesystem(uri, "read", InputError)
+    fs, path = _filesystem(uri, InputError)
     with _store_errors(uri, "read", InputError):
         return fs.cat_file(path)
 
@@ -97,21 +103,21 @@ def read_bytes(uri: str) -> bytes:
 def write_bytes(uri: str, data: bytes) -> None:
     """One PUT of the whole object: a store shows the old object or the whole new one,
     never a part, so no temporary name is needed."""
-    fs, path = _filesystem(uri, "write", OutputError)
+    fs, path = _filesystem(uri, OutputError)
     with _store_errors(uri, "write", OutputError):
         fs.pipe_file(path, data)
 
 
 def exists(uri: str) -> bool:
     """Whether an object is at `uri` (one HEAD): for outputs no listing covers."""
-    fs, path = _filesystem(uri, "look up", OutputError)
+    fs, path = _filesystem(uri, OutputError)
     with _store_errors(uri, "look up", OutputError):
         return fs.isfile(path)
 
 
 def download(uri: str, local: Path) -> None:
     """Copy an object to a local file, streaming (a clip does not fit in memory)."""
-    fs, path = _filesystem(uri, "read", InputError)
+    fs, path = _filesystem(uri, InputError)
     with _store_errors(uri, "read", InputError):
         fs.get_file(path, str(local))
 
@@ -119,12 +125,12 @@ def download(uri: str, local: Path) -> None:
 def upload(local: Path, uri: str) -> None:
     """Copy a finished local file to `uri`; the object appears only once it is whole (a
     large one goes up in parts that the store joins at the end)."""
-    fs, path = _filesystem(uri, "write", OutputError)
+    fs, path = _filesystem(uri, OutputError)
     with _store_errors(uri, "write", OutputError):
         fs.put_file(str(local), path)
 
 
-def _filesystem(uri: str, verb: str, error: type[MprnetError]) -> tuple[Any, str]:
+def _filesystem(uri: str, error: type[MprnetError]) -> tuple[Any, str]:
     """The fsspec file system for `uri` and the path on it; a protocol whose package is
     missing (s3fs, gcsfs, adlfs...) says which to install."""
     import fsspec
@@ -135,10 +141,11 @@ def _filesystem(uri: str, verb: str, error: type[MprnetError]) -> tuple[Any, str
         return fsspec.url_to_fs(uri)
     except ImportError:
         package = known_implementations.get(protocol, {}).get("class", "").split(".")[0] or "its fsspec package"
-        raise error(f"{uri}: {verb}ing {protocol}:// needs {package} "
+        direction = "writing" if issubclass(error, OutputError) else "reading"
+        raise error(f"{uri}: {direction} {protocol}:// needs {package} "
                     f"(pip install '{_EXTRAS.get(protocol, package)}')") from None
     except ValueError as problem:  # an unknown protocol, or a URL its file system refuses
-        raise error(f"{uri}: not a path mprnet can {verb} ({problem})") from None
+        raise error(f"{uri}: not a path mprnet can use ({problem})") from None
 
 
 @contextlib.contextmanager
