@@ -193,13 +193,13 @@ def _in_range(low: int, high: int | None = None):  # noqa: ANN202 - a Typer call
 
 Inputs = Annotated[
     list[str],
-    typer.Argument(metavar="INPUT", help="Image or video files, folders or glob patterns; - for standard input.",
+    typer.Argument(metavar="INPUT", help="Image or video files, folders, globs or URIs (s3://...); - for standard input.",
                    show_default=False),
 ]
 OutputOption = Annotated[
     Optional[str],
     typer.Option("-o", "--output", metavar="PATH", rich_help_panel=IO_PANEL,
-                 help="A file, a folder, or - for stdout. Default: beside each input."),
+                 help="A file, a folder or URI, or - for stdout. Default: beside each input."),
 ]
 WeightsOption = Annotated[
     Optional[str],
