@@ -165,6 +165,15 @@ def test_read_source_and_write_target_on_a_store(memory: str) -> None:
         write_target(picture, f"{memory}/out.xyz", "PNG", 95)
 
 
+def test_standard_input_to_a_store(memory: str) -> None:
+    result = runner.invoke(app, ["denoise", "-", "-o", f"{memory}/from_stdin.png", *WEIGHTS], input=_png(4))
+    assert result.exit_code == 0, result.stderr
+    assert Image.open(io.BytesIO(storage.read_bytes(f"{memory}/from_stdin.png"))).size == (20, 16)
+    refused = runner.invoke(app, ["denoise", "-", "-o", f"{memory}/folder/", *WEIGHTS], input=_png(4))
+    assert refused.exit_code == 2
+    assert refused.stderr == f"error: {memory}/folder/: one image from standard input needs an output file name, or -o -\n"
+
+
 def test_a_store_without_its_package_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     registry = importlib.import_module("fsspec.registry")
     monkeypatch.setitem(sys.modules, "s3fs", None)
