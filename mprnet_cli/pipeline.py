@@ -13,6 +13,10 @@ images, and each is restored in its own streaming pass by `mprnet_cli.video`. A
 clip's output stays a clip: `--ext` with an image format re-formats the images of a
 batch and leaves its clips in their own containers; `--ext` with a video container
 (mkv, mp4...) re-muxes the clips and leaves the images alone.
+
+Inputs and outputs may be object-store URIs (`s3://bucket/prefix`, see `mprnet_cli.storage`)
+under the same rules: planning lists each place once and reads no object; an image is
+read in one GET and written in one PUT, a clip through local temporary copies.
 """
 
 from __future__ import annotations
@@ -61,7 +65,8 @@ WRITE_WAIT_SHARE = 0.05
 
 @dataclass(frozen=True)
 class Job:
-    """One image or clip to restore: paths, or `-` for stdin/stdout."""
+    """One image or clip to restore: paths or store URIs (kept as written: `Path` would
+    make `s3://` `s3:/`), or `-` for stdin/stdout."""
 
     source: str
     target: str

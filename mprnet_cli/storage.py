@@ -75,8 +75,9 @@ def list_folder(uri: str, depth: int | None = None, error: type[MprnetError] = I
 
 
 def glob(pattern: str, recursive: bool) -> tuple[Listing, list[str]]:
-    """The objects a glob matches, sorted, and the listing of its literal leading folders
-    they were found in (as deep as the pattern reaches; `**` only when `recursive`)."""
+    """The objects a glob (a URI with `*`, `?` or `[` after its scheme) matches, sorted, and
+    the listing of its literal leading folders they were found in (as deep as the pattern
+    reaches; `**` only when `recursive`)."""
     from fsspec.utils import glob_translate
 
     scheme, path = pattern.split("://", 1)
