@@ -293,6 +293,16 @@ def test_a_missing_bucket_is_one_line(bucket: str, tmp_path: Path, where: str) -
     assert result.stderr == f"error: {missing}: no such object or bucket (The specified bucket does not exist)\n"
 
 
+def test_reading_and_writing_one_object_name_the_store_s_refusal(bucket: str) -> None:
+    missing = f"s3://mprnet-missing-{uuid.uuid4().hex[:8]}/a.png"
+    with pytest.raises(OutputError) as caught:
+        write_target(Picture(np.zeros((2, 2, 3), np.uint8)), missing, "PNG", 95)
+    assert caught.value.message == f"{missing}: no such object or bucket (The specified bucket does not exist)"
+    with pytest.raises(InputError) as caught:
+        read_source(f"{bucket}/nothing.png", None)
+    assert caught.value.message == f"{bucket}/nothing.png: no such object or bucket"
+
+
 def test_a_store_that_cannot_be_reached_is_one_line(bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import s3fs
 
