@@ -90,6 +90,8 @@ class Outcome:
     #: For a clip: frames written, and the seconds of video they last.
     frames: int = 0
     duration: float = 0.0
+    #: The Ray node that restored it (`--ray`); empty in a local batch.
+    node: str = ""
 
     @property
     def ok(self) -> bool:
@@ -412,11 +414,21 @@ def load_restorer(
                                     ensemble=ensemble)
 
 
+def checked_checkpoint(task: str, weights: str | None, progress_bar: type | None = None) -> Path:
+    """The checkpoint a cluster's workers will load: resolved (downloaded, verified) and
+    loaded once here, so that a wrong file is one error before any worker starts."""
+    from mprnet_cli.checkpoints import load_model
+
+    path = resolve_checkpoint(task, weights, tqdm_class=progress_bar)
+    load_model(path, task)
+    return path
+
+
 def restore_picture(restorer: Restorer, picture: Picture, progress: Progress | None = None) -> Picture:
     return picture.with_pixels(restorer.restore_array(picture.pixels, progress))
 
 
-def _read(source: str, max_pixels: int | None) -> Picture:
+def read_source(source: str, max_pixels: int | None) -> Picture:
     if source == STDIO:
         if sys.stdin is None:  # started with `<&-`
             raise InputError("-: standard input is closed")
@@ -424,7 +436,7 @@ def _read(source: str, max_pixels: int | None) -> Picture:
     return read_image(Path(source), max_pixels)
 
 
-def _write(picture: Picture, target: str, stdout_format: str, quality: int) -> None:
+def write_target(picture: Picture, target: str, stdout_format: str, quality: int) -> None:
     to_stdout = target == STDIO
     fmt = stdout_format if to_stdout else format_for(Path(target))
     label = "stdout" if to_stdout else target
@@ -530,7 +542,7 @@ class _Stages:
         for job in self._jobs:
             item, reading = _Decoded(job), time.perf_counter()
             try:
-                item.picture = _read(job.source, self._max_pixels)
+                item.picture = read_source(job.source, self._max_pixels)
             except MprnetError as error:
                 item.error = error
             except Exception as error:  # a dead reader would stall the batch; keep it per image
@@ -548,7 +560,7 @@ class _Stages:
                 return
             decoded, restored, compute_seconds = item  # type: ignore[misc]
             try:
-                _write(restored, decoded.job.target, self._stdout_format, self._quality)
+                write_target(restored, decoded.job.target, self._stdout_format, self._quality)
             except Exception as error:  # a dead writer would stall the batch; keep it per image
                 if not isinstance(error, MprnetError):
                     logger.debug("writing %s failed", decoded.job.target, exc_info=True)
@@ -611,13 +623,13 @@ def run_jobs(
     for is_video, group in itertools.groupby(jobs, key=lambda job: job.video is not None):
         if is_video:
             for job in group:
-                yield _restore_clip(restorer, job, encoding, span, on_start, on_frames)
+                yield restore_clip(restorer, job, encoding, span, on_start, on_frames)
         else:
             yield from _run_images(restorer, list(group), quality, max_pixels, stdout_format, on_start, on_tiles)
 
 
-def _restore_clip(restorer: Restorer, job: Job, encoding: Encoding, span: Span,
-                  on_start: Callable[[Job], None] | None, on_frames: FrameProgress | None) -> Outcome:
+def restore_clip(restorer: Restorer, job: Job, encoding: Encoding, span: Span,
+                 on_start: Callable[[Job], None] | None = None, on_frames: FrameProgress | None = None) -> Outcome:
     """One clip, start to end, as an `Outcome`; an interrupt leaves no output and goes on up."""
     from mprnet_cli import video
 

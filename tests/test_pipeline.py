@@ -111,7 +111,7 @@ def test_a_failed_write_leaves_no_folder_it_made(tmp_path: Path, monkeypatch: py
     monkeypatch.setattr(pipeline, "write_atomic", disk_full)
     (tmp_path / "out").mkdir()
     with pytest.raises(OutputError):
-        pipeline._write(Picture(np.zeros((4, 4, 3), dtype=np.uint8)), str(tmp_path / "out" / "a" / "b" / "x.png"), "PNG", 95)
+        pipeline.write_target(Picture(np.zeros((4, 4, 3), dtype=np.uint8)), str(tmp_path / "out" / "a" / "b" / "x.png"), "PNG", 95)
     assert list(tmp_path.iterdir()) == [tmp_path / "out"] and list((tmp_path / "out").iterdir()) == []
 
 
@@ -138,7 +138,7 @@ def test_a_write_that_fails_for_any_reason_leaves_no_folder_it_made(tmp_path: Pa
 
     monkeypatch.setattr(pipeline, "write_atomic", interrupted)
     with pytest.raises(MemoryError):
-        pipeline._write(Picture(np.zeros((4, 4, 3), dtype=np.uint8)), str(tmp_path / "a" / "x.png"), "PNG", 95)
+        pipeline.write_target(Picture(np.zeros((4, 4, 3), dtype=np.uint8)), str(tmp_path / "a" / "x.png"), "PNG", 95)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -397,14 +397,14 @@ def test_an_image_the_encoder_refuses_fails_that_job_and_the_batch_goes_on(tmp_p
 def test_an_unexpected_error_in_the_writer_fails_that_job_and_the_batch_goes_on(tmp_path: Path,
                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """The writer thread must not die: the batch would stall on its full queue."""
-    write = pipeline._write
+    write = pipeline.write_target
 
     def flaky(picture: Picture, target: str, *args: object) -> None:
         if target.endswith("1.png"):
             raise RuntimeError("a bug")
         write(picture, target, *args)
 
-    monkeypatch.setattr(pipeline, "_write", flaky)
+    monkeypatch.setattr(pipeline, "write_target", flaky)
     sources = [write_image(tmp_path / f"{i}.png") for i in range(6)]
     jobs = [Job(str(s), str(tmp_path / "out" / s.name)) for s in sources]
     errors = [o.error.message for o in run_jobs(_Doubler(), jobs) if o.error]  # type: ignore[arg-type]
