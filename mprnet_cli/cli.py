@@ -567,6 +567,8 @@ def _make_task_command(task: str):  # noqa: ANN202 - Typer reads the signature o
             naming = pipeline.OutputNaming(task, output, suffix, extension, overwrite, recursive)
             plan = pipeline.plan_jobs(inputs, naming)
             _check_terminals(plan.jobs)
+            if cluster is not None and any(pipeline.STDIO in (job.source, job.target) for job in plan.jobs):
+                raise InputError("--ray restores files and folders; standard input and output need a local run")
             _report_skipped(plan.skipped)
             _report_renamed(plan.renamed)
             if not plan.jobs:

@@ -8,9 +8,10 @@ and writes each image itself with the local code (`pipeline.read_source`,
 `restore_picture`, `write_target`): outputs never travel back through the driver, only
 one small outcome row per job does, which becomes the same `Outcome` a local batch yields.
 
-An actor runs two jobs at once in two threads and lets one at a time into the network,
-so that one image is read or written while the other is computed, as the local batch's
-reader and writer threads do. A clip is one job (see docs/cluster.md for why).
+An actor holds one job at a time, so that a worker's death is charged to the job that
+was in it alone: reading and writing are not overlapped with the network inside an
+actor, as the local batch's threads overlap them (docs/cluster.md measures what that
+costs). A clip is one job (see docs/cluster.md for why).
 
 Ray restarts a worker that dies (out of memory, node lost) and retries its job once; a
 job that kills its worker twice is dropped by Ray Data and reported here as failed,
@@ -27,8 +28,8 @@ import hashlib
 import logging
 import os
 import socket
+import sys
 import tempfile
-import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -43,8 +44,6 @@ from mprnet_cli.video import Encoding, Span
 
 logger = logging.getLogger("mprnet")
 
-#: Jobs an actor holds at once: one in the network, one being read or written.
-CALLS_PER_ACTOR = 2
 #: A job whose worker dies is retried this many times before it is reported as failed.
 RETRIES = 1
 #: How long the driver waits for a cluster's address to answer.
@@ -100,7 +99,6 @@ class RestoreWorker:
 
         self.settings = settings
         self.node = ray.get_runtime_context().get_node_id()
-        self._network = threading.Lock()
         #: Why this worker cannot restore anything (no such device here, say): each call
         #: says so, and the driver stops the run with it, rather than Ray retrying forever.
         self.unable: MprnetError | None = None
@@ -139,17 +137,14 @@ class RestoreWorker:
         from mprnet_cli import pipeline
 
         settings = self.settings
-        if job.video is not None:
-            with self._network:  # a clip streams through its own reader and writer threads
-                outcome = pipeline.restore_clip(self.restorer, job, settings.encoding, settings.span)
-            return _row(outcome, self.node)
+        if job.video is not None:  # a clip streams through its own reader and writer threads
+            return _row(pipeline.restore_clip(self.restorer, job, settings.encoding, settings.span), self.node)
         started = time.perf_counter()
         try:
             picture = pipeline.read_source(job.source, settings.max_pixels)
-            with self._network:
-                computed = time.perf_counter()
-                restored = pipeline.restore_picture(self.restorer, picture)
-                compute_seconds = time.perf_counter() - computed
+            computed = time.perf_counter()
+            restored = pipeline.restore_picture(self.restorer, picture)
+            compute_seconds = time.perf_counter() - computed
             pipeline.write_target(restored, job.target, "PNG", settings.quality)
         except Exception as error:  # kept per job, as the local batch keeps it
             if not isinstance(error, MprnetError):
@@ -193,7 +188,11 @@ def run_jobs(jobs: list[Job], checkpoint: Path, settings: WorkerSettings, option
     the order they finish). Stopping early (an interrupt, or not iterating further) cancels
     the rest and leaves no partial output."""
     ray = import_ray()
-    with library_messages.silenced():
+    # Ray's driver prints what the scheduler reports (each retried job...) on stdout, and
+    # its C++ core on descriptor 2; our lines say what matters (MPRNET_DEBUG=1: theirs too).
+    debugging = logger.isEnabledFor(logging.DEBUG)
+    with open(os.devnull, "w") as nowhere, contextlib.redirect_stdout(sys.stderr if debugging else nowhere), \
+            library_messages.silenced():
         yield from _run(ray, jobs, checkpoint, settings, options)
 
 
@@ -276,8 +275,8 @@ def _pipeline(ray: Any, jobs: list[Job], checkpoint: list[Any], settings: Worker
         resources = {"num_cpus": max(1, cpus - 1)}
         pool = nodes
     pool = max(1, min(workers or pool, len(jobs)))
-    compute = ray.data.ActorPoolStrategy(min_size=1, max_size=pool, max_concurrent_calls_per_actor=CALLS_PER_ACTOR,
-                                         enable_true_multi_threading=True)
+    compute = ray.data.ActorPoolStrategy(min_size=1, initial_size=pool, max_size=pool,
+                                         max_concurrent_calls_per_actor=1)
     dataset = ray.data.from_items(items, override_num_blocks=len(items))
     with warnings.catch_warnings():
         # max_restarts and max_task_retries have no named parameter yet (Ray 2.60); Ray

@@ -1,0 +1,182 @@
+"""`--ray`: the same batch on a Ray cluster, through a real Ray instance on this machine.
+
+Ray runs go through a real `mprnet` process, as a user runs them (Ray's driver state and
+the CLI's stderr handling are per process). A worker killed in the middle, and an image
+that kills its worker every time, are staged with an audit hook that the workers load
+through `sitecustomize`: the worker process really dies, and Ray really restarts it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from mprnet_cli.cli import app
+
+from .conftest import TINY_CHECKPOINT, write_image
+
+ray = pytest.importorskip("ray", reason="the Ray tests need the extra: pip install 'mprnet[ray]'")
+
+runner = CliRunner()
+WEIGHTS = ["--weights", str(TINY_CHECKPOINT)]
+MPRNET = Path(sys.executable).parent / "mprnet"
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "NO_COLOR": "1", "RAY_USAGE_STATS_ENABLED": "0", **extra}
+
+
+def _folder(root: Path, count: int, size: int = 24) -> Path:
+    for index in range(count):
+        write_image(root / ("sub" if index % 3 == 0 else "") / f"{index:02d}.png", size + 8, size, noise=True)
+    return root
+
+
+def _outputs(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def _mprnet(*arguments: str, env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([str(MPRNET), *arguments], capture_output=True, text=True, env=env or _env(),
+                          timeout=timeout)
+
+
+def test_a_batch_on_ray_writes_what_the_local_batch_writes_and_reports_the_same(tmp_path: Path) -> None:
+    source = _folder(tmp_path / "in", 24)
+    (source / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40))
+    local = runner.invoke(app, ["deblur", str(source), "-r", "-o", str(tmp_path / "local"), *WEIGHTS])
+    assert local.exit_code == 1
+
+    result = _mprnet("deblur", str(source), "-r", "-o", str(tmp_path / "ray"), *WEIGHTS, "--ray")
+    assert result.returncode == 1, result.stderr
+    assert result.stdout == ""
+    assert _outputs(tmp_path / "ray") == _outputs(tmp_path / "local")
+    assert len(_outputs(tmp_path / "ray")) == 24
+    lines = result.stderr.splitlines()
+    assert [line for line in lines if line.startswith("error:")] == [
+        f"error: {source / 'corrupt.png'}: truncated or corrupt image (its header is unreadable)"]
+    assert sum(" -> " in line for line in lines) == 24
+    assert lines[-1].startswith("24 done, 0 skipped, 1 failed; ")
+    assert all(line.startswith(("error:", str(source), "24 done")) for line in lines), "Ray's own chatter leaked"
+
+    rerun = _mprnet("deblur", str(source), "-r", "-o", str(tmp_path / "ray"), *WEIGHTS, "--ray")
+    assert rerun.returncode == 1  # the corrupt one is tried again, and fails again
+    assert rerun.stderr.splitlines()[-1].startswith("0 done, 24 skipped, 1 failed; ")
+
+
+def test_ctrl_c_cancels_the_job_and_leaves_no_partial_file(tmp_path: Path) -> None:
+    source = _folder(tmp_path / "in", 40, size=160)
+    out = tmp_path / "out"
+    process = subprocess.Popen([str(MPRNET), "deblur", str(source), "-o", str(out), *WEIGHTS, "--ray"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), text=True)
+    assert process.stderr is not None
+    lines = []
+    for line in process.stderr:  # the first restored image's line
+        lines.append(line)
+        if " -> " in line:
+            break
+    process.send_signal(signal.SIGINT)
+    stdout, rest = process.communicate(timeout=120)
+    lines += rest.splitlines()
+    assert process.returncode == 130, "".join(lines)
+    assert stdout == ""
+    assert "not done (interrupted)" in lines[-1]
+    written = sorted(out.rglob("*"))
+    assert all(not path.name.startswith(".") for path in written), written  # no temporary file left
+    assert 1 <= len([path for path in written if path.is_file()]) < 40
+    for path in written:
+        if path.is_file():
+            Image.open(path).load()  # whole
+
+
+def test_a_killed_worker_is_retried_and_an_image_that_kills_twice_is_reported(tmp_path: Path) -> None:
+    source = _folder(tmp_path / "in", 8)
+    write_image(source / "victim.png", 32, 24, noise=True)
+    write_image(source / "poison.png", 32, 24, noise=True)
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(textwrap.dedent(f"""
+        import os, sys
+
+        def _die(event, args):
+            # A worker dies as the OOM killer would have it die: at once, mid-job.
+            if event != "open" or not isinstance(args[0], str):
+                return
+            if args[0].endswith("poison.png"):
+                os._exit(9)
+            if args[0].endswith("victim.png") and not os.path.exists({str(tmp_path / 'killed')!r}):
+                open({str(tmp_path / 'killed')!r}, "w").close()
+                os._exit(9)
+
+        if sys.argv[0].endswith("default_worker.py"):  # Ray's workers, not the driver
+            sys.addaudithook(_die)
+    """))
+    env = _env(PYTHONPATH=os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")]))
+    result = _mprnet("deblur", str(source), "-r", "-o", str(tmp_path / "out"), *WEIGHTS, "--ray", env=env, timeout=300)
+    assert (tmp_path / "killed").exists(), "the staged worker death did not happen"
+    assert result.returncode == 1, result.stderr
+    assert sorted(_outputs(tmp_path / "out")) == sorted([*(f"{i:02d}.png" for i in range(8) if i % 3), "victim.png",
+                                                         *(f"sub/{i:02d}.png" for i in range(0, 8, 3))])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {source / 'poison.png'}: its worker died twice while restoring it "
+                      "(out of memory, or its node was lost)"]
+    assert result.stderr.splitlines()[-1].startswith("9 done, 0 skipped, 1 failed; ")
+
+
+def test_a_device_the_workers_lack_is_one_line_before_any_image(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    source = _folder(tmp_path / "in", 3)
+    result = _mprnet("deblur", str(source), "-o", str(tmp_path / "out"), *WEIGHTS, "--ray", "--device", "cuda")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: a Ray worker cannot start: --device cuda: no CUDA GPU is available (this PyTorch build or machine has none)"]
+    assert not (tmp_path / "out").exists()
+
+
+# --- refused before any work ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("option", [["--workers", "2"], ["--ray-address", "127.0.0.1:6379"]])
+def test_cluster_options_need_ray(tmp_path: Path, option: list[str]) -> None:
+    photo = write_image(tmp_path / "a.png", 16, 16)
+    result = runner.invoke(app, ["deblur", str(photo), *WEIGHTS, *option])
+    assert result.exit_code == 2
+    assert f"'{option[0]}': only applies with --ray" in result.stderr
+
+
+def test_standard_input_stays_local(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["deblur", "-", "-o", "-", *WEIGHTS, "--ray"], input=b"")
+    assert result.exit_code == 2
+    assert result.stderr == "error: --ray restores files and folders; standard input and output need a local run\n"
+
+
+def test_an_address_where_nothing_listens_is_one_line_at_once(tmp_path: Path) -> None:
+    photo = write_image(tmp_path / "a.png", 16, 16)
+    started = time.monotonic()
+    result = runner.invoke(app, ["deblur", str(photo), *WEIGHTS, "--ray", "--ray-address", "127.0.0.1:9"])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: --ray: cannot connect to 127.0.0.1:9 (")
+    assert len(result.stderr.splitlines()) == 1
+    assert time.monotonic() - started < 30  # Ray's own retries take minutes
+    assert not (tmp_path / "a_deblurred.png").exists()
+
+
+def test_without_the_extra_ray_is_one_line_that_says_how_to_install_it(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets where it is not installed
+    photo = write_image(tmp_path / "a.png", 16, 16)
+    result = runner.invoke(app, ["deblur", str(photo), *WEIGHTS, "--ray"])
+    assert result.exit_code == 2
+    assert result.stderr == "error: --ray needs Ray Data: pip install 'mprnet[ray]'\n"
