@@ -239,7 +239,7 @@ def _connect(ray: Any, address: str | None) -> bool:
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=debugging, configure_logging=False,
                  ignore_reinit_error=True)
-    except (ConnectionError, RuntimeError, ValueError) as error:
+    except Exception as error:  # Ray's own kinds: connection, authentication, version mismatch...
         where = address or "a local Ray instance"
         raise ConfigError(f"--ray: cannot connect to {where} ({str(error).splitlines()[0]})") from None
     context = ray.data.DataContext.get_current()

@@ -1,19 +1,25 @@
 """`--ray`: the same batch on a Ray cluster, through a real Ray instance on this machine.
 
 Ray runs go through a real `mprnet` process, as a user runs them (Ray's driver state and
-the CLI's stderr handling are per process). A worker killed in the middle, and an image
-that kills its worker every time, are staged with an audit hook that the workers load
-through `sitecustomize`: the worker process really dies, and Ray really restarts it.
+the CLI's stderr handling are per process). One test lets `--ray` start Ray itself; the
+others join one Ray head started for the module (`ray start`, 2 CPUs, no dashboard), which
+saves a Ray start each. A worker killed in the middle, and an image that kills its worker
+every time, are staged with an audit hook that the head's workers load through
+`sitecustomize`: the worker process really dies, and Ray really restarts it.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
+import socket
 import textwrap
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -29,10 +35,60 @@ ray = pytest.importorskip("ray", reason="the Ray tests need the extra: pip insta
 runner = CliRunner()
 WEIGHTS = ["--weights", str(TINY_CHECKPOINT)]
 MPRNET = Path(sys.executable).parent / "mprnet"
+RAY = Path(sys.executable).parent / "ray"
+
+#: Loaded by the head's workers: a file named poison.png kills its worker whenever it is
+#: opened; victim.png kills it the first time (a marker beside it remembers).
+DEADLY_FILES = textwrap.dedent("""
+    import os, sys
+
+    def _die(event, args):
+        if event != "open" or not isinstance(args[0], str):
+            return
+        if args[0].endswith("poison.png"):
+            os._exit(9)
+        marker = os.path.join(os.path.dirname(args[0]), ".killed")
+        if args[0].endswith("victim.png") and not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(9)  # as the OOM killer would: at once, mid-job
+
+    if sys.argv[0].endswith("default_worker.py"):  # Ray's workers, not a driver
+        sys.addaudithook(_die)
+""")
+
+
+@dataclass(frozen=True)
+class Head:
+    """A Ray head on this machine, and the environment a driver needs to join it."""
+
+    address: str
+    env: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
+    """A Ray head with 2 CPUs and no dashboard; its workers load DEADLY_FILES."""
+    home = tmp_path_factory.mktemp("ray-home")
+    (home / "sitecustomize.py").write_text(DEADLY_FILES)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    token = home / "token"
+    token.write_text(secrets.token_hex(32))
+    auth = {"RAY_AUTH_TOKEN_PATH": str(token)}
+    env = _env(**auth, PYTHONPATH=os.pathsep.join([str(home), os.environ.get("PYTHONPATH", "")]))
+    subprocess.run([str(RAY), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+                    "--include-dashboard=false", "--disable-usage-stats"], env=env, check=True, capture_output=True,
+                   timeout=120)
+    try:
+        yield Head(f"127.0.0.1:{port}", auth)
+    finally:
+        subprocess.run([str(RAY), "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
 def _env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "NO_COLOR": "1", "RAY_USAGE_STATS_ENABLED": "0", **extra}
+    # Ray's token authentication, on (as `ray start` has it) also for the drivers.
+    return {**os.environ, "NO_COLOR": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", **extra}
 
 
 def _folder(root: Path, count: int, size: int = 24) -> Path:
@@ -68,16 +124,18 @@ def test_a_batch_on_ray_writes_what_the_local_batch_writes_and_reports_the_same(
     assert lines[-1].startswith("24 done, 0 skipped, 1 failed; ")
     assert all(line.startswith(("error:", str(source), "24 done")) for line in lines), "Ray's own chatter leaked"
 
+    (source / "corrupt.png").unlink()
     rerun = _mprnet("deblur", str(source), "-r", "-o", str(tmp_path / "ray"), *WEIGHTS, "--ray")
-    assert rerun.returncode == 1  # the corrupt one is tried again, and fails again
-    assert rerun.stderr.splitlines()[-1].startswith("0 done, 24 skipped, 1 failed; ")
+    assert rerun.returncode == 0, rerun.stderr
+    assert rerun.stderr.splitlines()[-1] == "nothing to do: every output exists (use --overwrite to redo them)"
 
 
-def test_ctrl_c_cancels_the_job_and_leaves_no_partial_file(tmp_path: Path) -> None:
+def test_ctrl_c_cancels_the_job_and_leaves_no_partial_file(tmp_path: Path, head: Head) -> None:
     source = _folder(tmp_path / "in", 40, size=160)
     out = tmp_path / "out"
-    process = subprocess.Popen([str(MPRNET), "deblur", str(source), "-o", str(out), *WEIGHTS, "--ray"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), text=True)
+    process = subprocess.Popen([str(MPRNET), "deblur", str(source), "-o", str(out), *WEIGHTS, "--ray",
+                                "--ray-address", head.address],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(**head.env), text=True)
     assert process.stderr is not None
     lines = []
     for line in process.stderr:  # the first restored image's line
@@ -98,31 +156,13 @@ def test_ctrl_c_cancels_the_job_and_leaves_no_partial_file(tmp_path: Path) -> No
             Image.open(path).load()  # whole
 
 
-def test_a_killed_worker_is_retried_and_an_image_that_kills_twice_is_reported(tmp_path: Path) -> None:
+def test_a_killed_worker_is_retried_and_an_image_that_kills_twice_is_reported(tmp_path: Path, head: Head) -> None:
     source = _folder(tmp_path / "in", 8)
     write_image(source / "victim.png", 32, 24, noise=True)
     write_image(source / "poison.png", 32, 24, noise=True)
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(textwrap.dedent(f"""
-        import os, sys
-
-        def _die(event, args):
-            # A worker dies as the OOM killer would have it die: at once, mid-job.
-            if event != "open" or not isinstance(args[0], str):
-                return
-            if args[0].endswith("poison.png"):
-                os._exit(9)
-            if args[0].endswith("victim.png") and not os.path.exists({str(tmp_path / 'killed')!r}):
-                open({str(tmp_path / 'killed')!r}, "w").close()
-                os._exit(9)
-
-        if sys.argv[0].endswith("default_worker.py"):  # Ray's workers, not the driver
-            sys.addaudithook(_die)
-    """))
-    env = _env(PYTHONPATH=os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")]))
-    result = _mprnet("deblur", str(source), "-r", "-o", str(tmp_path / "out"), *WEIGHTS, "--ray", env=env, timeout=300)
-    assert (tmp_path / "killed").exists(), "the staged worker death did not happen"
+    result = _mprnet("deblur", str(source), "-r", "-o", str(tmp_path / "out"), *WEIGHTS, "--ray", "--ray-address",
+                     head.address, env=_env(**head.env))
+    assert (source / ".killed").exists(), "the staged worker death did not happen"
     assert result.returncode == 1, result.stderr
     assert sorted(_outputs(tmp_path / "out")) == sorted([*(f"{i:02d}.png" for i in range(8) if i % 3), "victim.png",
                                                          *(f"sub/{i:02d}.png" for i in range(0, 8, 3))])
@@ -132,13 +172,14 @@ def test_a_killed_worker_is_retried_and_an_image_that_kills_twice_is_reported(tm
     assert result.stderr.splitlines()[-1].startswith("9 done, 0 skipped, 1 failed; ")
 
 
-def test_a_device_the_workers_lack_is_one_line_before_any_image(tmp_path: Path) -> None:
+def test_a_device_the_workers_lack_is_one_line_before_any_image(tmp_path: Path, head: Head) -> None:
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     source = _folder(tmp_path / "in", 3)
-    result = _mprnet("deblur", str(source), "-o", str(tmp_path / "out"), *WEIGHTS, "--ray", "--device", "cuda")
+    result = _mprnet("deblur", str(source), "-o", str(tmp_path / "out"), *WEIGHTS, "--ray", "--device", "cuda",
+                     "--ray-address", head.address, env=_env(**head.env))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: a Ray worker cannot start: --device cuda: no CUDA GPU is available (this PyTorch build or machine has none)"]
@@ -180,3 +221,50 @@ def test_without_the_extra_ray_is_one_line_that_says_how_to_install_it(tmp_path:
     result = runner.invoke(app, ["deblur", str(photo), *WEIGHTS, "--ray"])
     assert result.exit_code == 2
     assert result.stderr == "error: --ray needs Ray Data: pip install 'mprnet[ray]'\n"
+
+
+# --- several nodes --------------------------------------------------------------------
+
+
+def test_work_lands_on_every_node_and_only_the_driver_fetches_the_checkpoint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three nodes on this machine (Ray's own test cluster). The nodes start with no hub
+    they can reach and an empty cache: a worker that looked for the checkpoint itself
+    would fail. The driver downloads it from a local hub, once."""
+    import huggingface_hub.constants as constants
+    from ray.cluster_utils import Cluster
+
+    from mprnet_cli import cluster as ray_cluster
+    from mprnet_cli import pipeline
+
+    from .fake_hub import FakeHub
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "node-cache"))
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    try:
+        for _ in range(2):
+            nodes.add_node(num_cpus=2)
+        nodes.wait_for_nodes()
+        with FakeHub() as hub:
+            hub.add("deepinv/MPRNet", "model_deblurring.pth", TINY_CHECKPOINT.read_bytes())
+            monkeypatch.setenv("HF_ENDPOINT", hub.url)
+            monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "driver-cache"))
+            monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "driver-cache"))
+            monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+            checkpoint = pipeline.checked_checkpoint("deblur", None)
+            plan = pipeline.plan_jobs([str(_folder(tmp_path / "in", 12))], pipeline.OutputNaming("deblur", str(tmp_path / "out")))
+            outcomes = list(ray_cluster.run_jobs(plan.jobs, checkpoint, ray_cluster.WorkerSettings("deblur"),
+                                                 ray_cluster.ClusterOptions(nodes.address, workers=3)))
+            node_ids = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+            downloads = hub.gets()
+    finally:
+        ray.shutdown()
+        nodes.shutdown()
+    assert [outcome.error for outcome in outcomes] == [None] * 8
+    assert len(node_ids) == 3
+    assert {outcome.node for outcome in outcomes} == node_ids
+    assert downloads == 1
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [f"{i:02d}.png" for i in range(12) if i % 3]
