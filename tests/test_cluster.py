@@ -107,7 +107,14 @@ def _mprnet(*arguments: str, env: dict[str, str] | None = None, timeout: float =
 
 
 def test_a_batch_on_ray_writes_what_the_local_batch_writes_and_reports_the_same(tmp_path: Path) -> None:
-    source = _folder(tmp_path / "in", 24)
+    """Ray started by `--ray` itself; images and a clip (a clip is one job)."""
+    pytest.importorskip("av", reason="the clip needs PyAV: pip install 'mprnet[video]'")
+    from mprnet_cli.video import read_frames
+
+    from .test_video import make_clip
+
+    source = _folder(tmp_path / "in", 23)
+    make_clip(source / "sub" / "clip.mkv", codec="ffv1", pixel_format="yuv444p")
     (source / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40))
     local = runner.invoke(app, ["deblur", str(source), "-r", "-o", str(tmp_path / "local"), *WEIGHTS])
     assert local.exit_code == 1
@@ -115,12 +122,18 @@ def test_a_batch_on_ray_writes_what_the_local_batch_writes_and_reports_the_same(
     result = _mprnet("deblur", str(source), "-r", "-o", str(tmp_path / "ray"), *WEIGHTS, "--ray")
     assert result.returncode == 1, result.stderr
     assert result.stdout == ""
-    assert _outputs(tmp_path / "ray") == _outputs(tmp_path / "local")
-    assert len(_outputs(tmp_path / "ray")) == 24
+    ray_outputs, local_outputs = _outputs(tmp_path / "ray"), _outputs(tmp_path / "local")
+    assert sorted(ray_outputs) == sorted(local_outputs) and len(ray_outputs) == 24
+    clip = "sub/clip.mkv"  # Matroska gives each file a random segment ID: compare the frames
+    assert [(pts, frame.tobytes()) for pts, frame in read_frames(tmp_path / "ray" / clip)] == \
+        [(pts, frame.tobytes()) for pts, frame in read_frames(tmp_path / "local" / clip)]
+    assert {name: data for name, data in ray_outputs.items() if name != clip} == \
+        {name: data for name, data in local_outputs.items() if name != clip}
     lines = result.stderr.splitlines()
     assert [line for line in lines if line.startswith("error:")] == [
         f"error: {source / 'corrupt.png'}: truncated or corrupt image (its header is unreadable)"]
     assert sum(" -> " in line for line in lines) == 24
+    assert f"{source / 'sub' / 'clip.mkv'} -> {tmp_path / 'ray' / clip} (5 frames, 0.2 s of video, " in result.stderr
     assert lines[-1].startswith("24 done, 0 skipped, 1 failed; ")
     assert all(line.startswith(("error:", str(source), "24 done")) for line in lines), "Ray's own chatter leaked"
 
