@@ -187,6 +187,9 @@ def run_jobs(jobs: list[Job], checkpoint: Path, settings: WorkerSettings, option
     """Restore `jobs` on the cluster, yielding each `Outcome` as its worker finishes it (in
     the order they finish). Stopping early (an interrupt, or not iterating further) cancels
     the rest and leaves no partial output."""
+    if settings.device.startswith("cuda:"):
+        raise ConfigError(f"--device {settings.device}: with --ray each worker is given a GPU of its own; "
+                          "use --device cuda")
     ray = import_ray()
     # Ray's driver prints what the scheduler reports (each retried job...) on stdout, and
     # its C++ core on descriptor 2; our lines say what matters (MPRNET_DEBUG=1: theirs too).
@@ -265,16 +268,9 @@ def _check_reachable(address: str) -> None:
 def _pipeline(ray: Any, jobs: list[Job], checkpoint: list[Any], settings: WorkerSettings, workers: int | None) -> Any:
     items = [{"index": index, "source": job.source, "target": job.target, "video": job.video or ""}
              for index, job in enumerate(jobs)]
-    gpus = int(ray.cluster_resources().get("GPU", 0)) if settings.device in ("auto", "cuda") else 0
-    if gpus:
-        resources: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1}
-        pool = gpus
-    else:
-        cpus, nodes = _cpu_nodes(ray)
-        # Never reserve every CPU of a node: Ray Data's own tasks would wait for one forever.
-        resources = {"num_cpus": max(1, cpus - 1)}
-        pool = nodes
-    pool = max(1, min(workers or pool, len(jobs)))
+    node_cpus = [int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node.get("Alive")]
+    resources, pool = actor_plan(settings.device, int(ray.cluster_resources().get("GPU", 0)), node_cpus, workers,
+                                 len(jobs))
     compute = ray.data.ActorPoolStrategy(min_size=1, initial_size=pool, max_size=pool,
                                          max_concurrent_calls_per_actor=1)
     dataset = ray.data.from_items(items, override_num_blocks=len(items))
@@ -287,11 +283,20 @@ def _pipeline(ray: Any, jobs: list[Job], checkpoint: list[Any], settings: Worker
                                    max_restarts=-1, max_task_retries=RETRIES, **resources)
 
 
-def _cpu_nodes(ray: Any) -> tuple[int, int]:
-    """(CPUs of the smallest live node, number of live nodes with CPUs)."""
-    counts = [int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node.get("Alive")]
-    counts = [count for count in counts if count > 0] or [1]
-    return min(counts), len(counts)
+def actor_plan(device: str, gpus: int, node_cpus: list[int], workers: int | None, jobs: int,
+               ) -> tuple[dict[str, float], int]:
+    """(Ray resources of one actor, number of actors) for a cluster with `gpus` GPUs and
+    nodes of `node_cpus` CPUs: one actor per GPU where the device may be a GPU, else one
+    per node; `workers` caps them, and so does the number of jobs."""
+    if gpus and device in ("auto", "cuda"):
+        resources: dict[str, float] = {"num_gpus": 1, "num_cpus": 1}
+        pool = gpus
+    else:
+        cpus = [count for count in node_cpus if count > 0] or [1]
+        # Never reserve every CPU of a node: Ray Data's own tasks would wait for one forever.
+        resources = {"num_cpus": max(1, min(cpus) - 1)}
+        pool = len(cpus)
+    return resources, max(1, min(workers or pool, jobs))
 
 
 def _remove_partial_files(unfinished: list[Job], since: float) -> None:

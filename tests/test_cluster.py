@@ -19,7 +19,7 @@ import socket
 import textwrap
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -281,3 +281,45 @@ def test_work_lands_on_every_node_and_only_the_driver_fetches_the_checkpoint(
     assert {outcome.node for outcome in outcomes} == node_ids
     assert downloads == 1
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [f"{i:02d}.png" for i in range(12) if i % 3]
+
+
+# --- the plan of actors, and outcomes on their way back ------------------------------
+
+
+@pytest.mark.parametrize(("device", "gpus", "node_cpus", "workers", "expected"), [
+    ("auto", 8, [16, 16], None, ({"num_gpus": 1, "num_cpus": 1}, 8)),  # one per GPU
+    ("cuda", 8, [16, 16], 3, ({"num_gpus": 1, "num_cpus": 1}, 3)),     # capped
+    ("cpu", 8, [16, 16], None, ({"num_cpus": 15}, 2)),                  # the GPUs are not asked for
+    ("auto", 0, [2, 8, 0], None, ({"num_cpus": 1}, 2)),                 # one per node with CPUs, one CPU left free
+    ("auto", 0, [1], None, ({"num_cpus": 1}, 1)),
+    ("auto", 4, [8], None, ({"num_gpus": 1, "num_cpus": 1}, 2)),        # no more actors than jobs (2)
+])
+def test_actors_are_one_per_gpu_or_one_per_node_leaving_a_cpu(
+        device: str, gpus: int, node_cpus: list[int], workers: int | None, expected: tuple) -> None:
+    from mprnet_cli.cluster import actor_plan
+
+    assert actor_plan(device, gpus, node_cpus, workers, jobs=2 if gpus == 4 else 100) == expected
+
+
+def test_an_outcome_row_comes_back_as_the_same_outcome() -> None:
+    from mprnet_cli.cluster import _outcome, _row
+    from mprnet_cli.errors import InputError, OutputError
+    from mprnet_cli.pipeline import Job, Outcome
+
+    job = Job("in/a.png", "out/a.png")
+    for outcome in (Outcome(job, megapixels=1.5, seconds=2.0, compute_seconds=1.8),
+                    Outcome(job, error=InputError("in/a.png: truncated", exit_code=2), seconds=0.1),
+                    Outcome(job, error=OutputError("out/a.png: cannot write (No space left on device)"))):
+        back = _outcome(job, _row(outcome, "node-1"))
+        assert replace(back, error=None) == replace(outcome, error=None, node="node-1")
+        assert type(back.error) is type(outcome.error)
+        if outcome.error is not None:
+            assert (back.error.message, back.error.exit_code) == (outcome.error.message, outcome.error.exit_code)
+
+
+def test_a_numbered_gpu_is_refused_since_each_worker_has_its_own(tmp_path: Path) -> None:
+    photo = write_image(tmp_path / "a.png", 16, 16)
+    result = runner.invoke(app, ["deblur", str(photo), *WEIGHTS, "--ray", "--device", "cuda:1"])
+    assert result.exit_code == 2
+    assert result.stderr == ("error: --device cuda:1: with --ray each worker is given a GPU of its own; "
+                             "use --device cuda\n")
