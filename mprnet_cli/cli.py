@@ -240,10 +240,10 @@ EnsembleOption = Annotated[
 ]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 RayOption = Annotated[bool, typer.Option("--ray", rich_help_panel=CLUSTER_PANEL,
-                                         help="Spread the batch over a Ray cluster (pip install 'mprnet[ray]').")]
+                                         help="Spread the batch over a Ray cluster (pip install 'mprnet\\[ray]').")]
 RayAddressOption = Annotated[
     Optional[str], typer.Option("--ray-address", metavar="ADDRESS", rich_help_panel=CLUSTER_PANEL,
-                                help="The cluster to join. Default: $RAY_ADDRESS, else Ray on this machine.")
+                                help="The cluster's head. Default: $RAY_ADDRESS, else Ray started here.")
 ]
 WorkersOption = Annotated[
     Optional[int], typer.Option("--workers", metavar="N", callback=_in_range(1), rich_help_panel=CLUSTER_PANEL,
