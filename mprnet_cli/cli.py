@@ -16,13 +16,14 @@ from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Annotated, Iterator, Optional
+from typing import TYPE_CHECKING, Annotated, Callable, Iterator, Optional
 
 import typer
 
 from mprnet_cli.errors import CheckpointError, InputError, MprnetError, OutputError
 
 if TYPE_CHECKING:
+    from mprnet_cli.cluster import ClusterOptions
     from mprnet_cli.evaluate import Evaluation
     from mprnet_cli.model.restorer import Restorer
     from mprnet_cli.pipeline import Job, Outcome, Plan
@@ -173,7 +174,7 @@ def _check_terminals(jobs: list[Job]) -> None:
 
 #: The panels of a task's help, in this order after the general options (help, quiet).
 IO_PANEL, MODEL_PANEL, TILING_PANEL, BATCH_PANEL = "Input and output", "Model", "Tiling", "Batch"
-VIDEO_PANEL, QUALITY_PANEL, SCORING_PANEL = "Video", "Quality", "Scoring"
+VIDEO_PANEL, QUALITY_PANEL, SCORING_PANEL, CLUSTER_PANEL = "Video", "Quality", "Scoring", "Cluster"
 
 
 def _in_range(low: int, high: int | None = None):  # noqa: ANN202 - a Typer callback
@@ -238,6 +239,16 @@ EnsembleOption = Annotated[
                       help="Average N flips and turns (N forwards). Default: 1.")
 ]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
+RayOption = Annotated[bool, typer.Option("--ray", rich_help_panel=CLUSTER_PANEL,
+                                         help="Spread the batch over a Ray cluster (pip install 'mprnet\\[ray]').")]
+RayAddressOption = Annotated[
+    Optional[str], typer.Option("--ray-address", metavar="ADDRESS", rich_help_panel=CLUSTER_PANEL,
+                                help="The cluster's head. Default: $RAY_ADDRESS, else Ray started here.")
+]
+WorkersOption = Annotated[
+    Optional[int], typer.Option("--workers", metavar="N", callback=_in_range(1), rich_help_panel=CLUSTER_PANEL,
+                                help="At most N model workers. Default: one per GPU, else one per node.")
+]
 
 
 @contextmanager
@@ -387,6 +398,7 @@ class _Report:
         self.console = Console(stderr=True)
         self.total, self.quiet = total, quiet
         self.done = self.failed = 0
+        self._closed = False
         self.megapixels = 0.0
         self.started = time.perf_counter()
         self.bar = self.images = self.tiles = self.frames = None
@@ -473,10 +485,13 @@ class _Report:
         else:
             typer.echo(line, err=True)
 
-    def close(self, skipped: int, interrupted: bool) -> None:
+    def close(self, skipped: int, interrupted: bool, summary: bool = True) -> None:
+        if self._closed:
+            return
+        self._closed = True
         if self.bar is not None:
             self.bar.stop()
-        if self.total > 1 or skipped or interrupted:
+        if summary and (self.total > 1 or skipped or interrupted):
             elapsed = time.perf_counter() - self.started
             parts = [f"{self.done} done", f"{skipped} skipped", f"{self.failed} failed"]
             if interrupted:
@@ -526,6 +541,9 @@ def _make_task_command(task: str):  # noqa: ANN202 - Typer reads the signature o
         tlc: TlcOption = False,
         tlc_train_size: TlcTrainSizeOption = 256,
         ensemble: EnsembleOption = 1,
+        ray: RayOption = False,
+        ray_address: RayAddressOption = None,
+        workers: WorkersOption = None,
         quiet: QuietOption = False,
     ) -> None:
         _configure_logging(quiet)
@@ -537,55 +555,88 @@ def _make_task_command(task: str):  # noqa: ANN202 - Typer reads the signature o
             _check_suffix(suffix)
             span = _parse_span(frames, start, end)
             from mprnet_cli import pipeline, video
+            from mprnet_cli.imageio import FORMATS
 
             encoding = video.Encoding(codec, crf, preset)
             video.check_encoding(encoding)
 
-            pipeline.check_device_options(device, precision)
+            cluster = _cluster_options(ray, ray_address, workers)
+            if cluster is None:  # on a cluster, each worker checks the device it has
+                pipeline.check_device_options(device, precision)
             extension = pipeline.normalise_extension(ext)
             naming = pipeline.OutputNaming(task, output, suffix, extension, overwrite, recursive)
             plan = pipeline.plan_jobs(inputs, naming)
             _check_terminals(plan.jobs)
+            if cluster is not None and any(pipeline.STDIO in (job.source, job.target) for job in plan.jobs):
+                raise InputError("--ray restores files and folders; standard input and output need a local run")
             _report_skipped(plan.skipped)
             _report_renamed(plan.renamed)
             if not plan.jobs:
                 logger.info("nothing to do: every output exists (use --overwrite to redo them)")
                 return
-            restorer = pipeline.load_restorer(task, weights, device, precision, tile=tile_size, tile_overlap=tile_overlap,
-                                              tile_blend=tile_blend, tlc_train_size=tlc_train_size if tlc else None,
-                                              ensemble=ensemble, progress_bar=_progress_bar(quiet))
-        _run_batch(restorer, plan, quality, max_pixels or None, extension, quiet, fail_fast, encoding, span)
+            restorer_options = {"tile": tile_size, "tile_overlap": tile_overlap, "tile_blend": tile_blend,
+                                "tlc_train_size": tlc_train_size if tlc else None, "ensemble": ensemble}
+            if cluster is None:
+                restorer = pipeline.load_restorer(task, weights, device, precision, **restorer_options,
+                                                  progress_bar=_progress_bar(quiet))
+
+                def run(report: _Report) -> Iterator[Outcome]:
+                    return pipeline.run_jobs(restorer, plan.jobs, quality=quality, max_pixels=max_pixels or None,
+                                             stdout_format=FORMATS.get(extension or "", "PNG"), encoding=encoding,
+                                             span=span, on_start=report.start, on_tiles=report.tile_progress,
+                                             on_frames=report.frame_progress)
+            else:
+                from mprnet_cli.cluster import WorkerSettings, run_jobs
+
+                checkpoint = pipeline.checked_checkpoint(task, weights, progress_bar=_progress_bar(quiet))
+                settings = WorkerSettings(task, device=device, precision=precision, restorer_options=restorer_options,
+                                          quality=quality, max_pixels=max_pixels or None, encoding=encoding, span=span)
+
+                def run(report: _Report) -> Iterator[Outcome]:
+                    return run_jobs(plan.jobs, checkpoint, settings, cluster)
+        _run_batch(run, plan, quiet, fail_fast)
 
     command.__doc__ = TASK_HELP[task]
     command.__name__ = task
     return command
 
 
-def _run_batch(restorer: Restorer, plan: Plan, quality: int, max_pixels: int | None, extension: str | None,
-               quiet: bool, fail_fast: bool, encoding: Encoding, span: Span) -> None:
-    from mprnet_cli import pipeline
-    from mprnet_cli.imageio import FORMATS
+def _cluster_options(ray: bool, address: str | None, workers: int | None) -> ClusterOptions | None:
+    """None for a local run; `--ray-address` and `--workers` mean nothing without `--ray`."""
+    if not ray:
+        for name, value in (("--ray-address", address), ("--workers", workers)):
+            if value is not None:
+                raise typer.BadParameter("only applies with --ray", param_hint=f"'{name}'")
+        return None
+    from mprnet_cli.cluster import ClusterOptions, import_ray
 
-    jobs = plan.jobs
-    report = _Report(len(jobs), quiet)
-    stdout_format = FORMATS.get(extension or "", "PNG")  # a video container names the clips' format
+    import_ray()  # a missing extra is said before any planning
+    return ClusterOptions(address, workers)
+
+
+def _run_batch(run: Callable[[_Report], Iterator[Outcome]], plan: Plan, quiet: bool, fail_fast: bool) -> None:
+    """Report the outcomes `run` yields as a batch does; exit 1 on a failure in a batch,
+    130 on an interrupt."""
+    report = _Report(len(plan.jobs), quiet)
     interrupted = False
     first_error = None
-    outcomes = pipeline.run_jobs(restorer, jobs, quality=quality, max_pixels=max_pixels,
-                                 stdout_format=stdout_format, encoding=encoding, span=span, on_start=report.start,
-                                 on_tiles=report.tile_progress, on_frames=report.frame_progress)
-    try:
-        for outcome in outcomes:
-            report.outcome(outcome)
-            if outcome.error is not None:
-                first_error = first_error or outcome.error
-                if fail_fast:
-                    break
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        outcomes.close()
-        report.close(len(plan.skipped), interrupted)
+    outcomes = run(report)
+    with _user_errors():  # a cluster that cannot be reached, say: its line, without a summary
+        try:
+            for outcome in outcomes:
+                report.outcome(outcome)
+                if outcome.error is not None:
+                    first_error = first_error or outcome.error
+                    if fail_fast:
+                        break
+        except KeyboardInterrupt:
+            interrupted = True
+        except MprnetError:
+            report.close(len(plan.skipped), interrupted, summary=False)
+            raise
+        finally:
+            outcomes.close()
+            report.close(len(plan.skipped), interrupted)
     if interrupted:
         raise typer.Exit(130)
     if first_error is not None:

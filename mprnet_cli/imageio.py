@@ -357,6 +357,11 @@ def _keep_mode(path: Path, descriptor: int) -> None:
         os.fchmod(descriptor, stat.S_IMODE(os.stat(path).st_mode))
 
 
+#: The temporary names of `atomic_file`: short, so that a target name near the file
+#: system's limit still fits, and hidden.
+PARTIAL_PATTERN = ".mprnet-*.partial"
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that readers only ever see the old file or the whole new one."""
     with atomic_file(path) as handle:
@@ -368,8 +373,7 @@ def atomic_file(path: Path) -> Iterator[BinaryIO]:
     """A new file that appears at `path` whole, and only if the block ends without an error:
     a temporary file beside it, synced, then renamed over it (a video writer streams into
     it for hours; an interrupt leaves nothing behind)."""
-    # Short, so that a target name near the file system's limit still fits.
-    temporary = path.with_name(f".mprnet-{secrets.token_hex(4)}.partial")
+    temporary = path.with_name(PARTIAL_PATTERN.replace("*", secrets.token_hex(4)))
     try:
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(descriptor, "wb") as handle:

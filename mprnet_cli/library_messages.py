@@ -133,3 +133,22 @@ def _report(label: str, messages: list[str], failed: bool) -> None:
     more = len(messages) - 1
     logger.warning("%s: %s%s", label, messages[0],
                    f" (and {more} more message{'s' if more > 1 else ''}; MPRNET_DEBUG=1 shows them)" if more else "")
+
+
+@contextmanager
+def silenced() -> Iterator[None]:
+    """Drop what is printed on descriptor 2 during the block: for a library that reports on
+    its own what our lines already say (Ray's workers and scheduler). A no-op without
+    `install()`, or with MPRNET_DEBUG=1, which leaves descriptor 2 alone."""
+    if _capture is None:
+        yield
+        return
+    saved = os.dup(2)
+    with open(os.devnull, "wb") as nowhere:
+        os.dup2(nowhere.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+

@@ -97,6 +97,8 @@ class Outcome:
     #: For a clip: frames written, and the seconds of video they last.
     frames: int = 0
     duration: float = 0.0
+    #: The Ray node that restored it (`--ray`); empty in a local batch.
+    node: str = ""
 
     @property
     def ok(self) -> bool:
@@ -506,6 +508,16 @@ def load_restorer(
                                     ensemble=ensemble)
 
 
+def checked_checkpoint(task: str, weights: str | None, progress_bar: type | None = None) -> Path:
+    """The checkpoint a cluster's workers will load: resolved (downloaded, verified) and
+    loaded once here, so that a wrong file is one error before any worker starts."""
+    from mprnet_cli.checkpoints import load_model
+
+    path = resolve_checkpoint(task, weights, tqdm_class=progress_bar)
+    load_model(path, task)
+    return path
+
+
 def restore_picture(restorer: Restorer, picture: Picture, progress: Progress | None = None) -> Picture:
     return picture.with_pixels(restorer.restore_array(picture.pixels, progress))
 
@@ -715,13 +727,13 @@ def run_jobs(
     for is_video, group in itertools.groupby(jobs, key=lambda job: job.video is not None):
         if is_video:
             for job in group:
-                yield _restore_clip(restorer, job, encoding, span, on_start, on_frames)
+                yield restore_clip(restorer, job, encoding, span, on_start, on_frames)
         else:
             yield from _run_images(restorer, list(group), quality, max_pixels, stdout_format, on_start, on_tiles)
 
 
-def _restore_clip(restorer: Restorer, job: Job, encoding: Encoding, span: Span,
-                  on_start: Callable[[Job], None] | None, on_frames: FrameProgress | None) -> Outcome:
+def restore_clip(restorer: Restorer, job: Job, encoding: Encoding, span: Span,
+                 on_start: Callable[[Job], None] | None = None, on_frames: FrameProgress | None = None) -> Outcome:
     """One clip, start to end, as an `Outcome`; an interrupt leaves no output and goes on up."""
     from mprnet_cli import video
 

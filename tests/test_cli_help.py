@@ -20,7 +20,7 @@ MPRNET = Path(sys.executable).parent / "mprnet"
 TASKS = ("deblur", "derain", "denoise")
 PANELS = ("Input and output", "Model", "Tiling", "Batch")
 #: Panels that options of the other parts of the tool go into.
-MORE_PANELS = ("Quality", "Video", "Scoring")
+MORE_PANELS = ("Quality", "Video", "Scoring", "Cluster")
 #: A task's help at 100 columns, from usage to examples: one screen with room to grow.
 LINE_BUDGET = 70
 COLUMNS = 100
