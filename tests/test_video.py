@@ -218,8 +218,8 @@ def test_untagged_colour_is_taken_as_players_take_it() -> None:
 
     for height, matrix in ((720, BT709), (32, SMPTE170M)):
         frame = av.VideoFrame(64, height, "yuv420p")
-        assert Colour.of(frame) == Colour(matrix, LIMITED, 2, 2)
-    assert Colour.of(av.VideoFrame(64, 32, "yuvj420p")).range == FULL
+        assert Colour.of(frame, "clip.mp4") == Colour(matrix, LIMITED, 2, 2)
+    assert Colour.of(av.VideoFrame(64, 32, "yuvj420p"), "clip.mp4").range == FULL
 
 
 def test_bt709_red_is_converted_with_bt709_maths(tmp_path: Path) -> None:
