@@ -341,6 +341,10 @@ EndOption = Annotated[
     Optional[float], typer.Option("--end", metavar="SECONDS", callback=_in_range(0), rich_help_panel=VIDEO_PANEL,
                                   help="Restore each clip up to this time.")
 ]
+ResumeOption = Annotated[
+    bool, typer.Option("--resume", rich_help_panel=VIDEO_PANEL,
+                       help="Keep each clip's finished 10 s segments; a rerun goes on from them.")
+]
 MaxPixelsOption = Annotated[
     int, typer.Option("--max-pixels", metavar="N", callback=_in_range(0), rich_help_panel=IO_PANEL, show_default=False,
                       help="Refuse images over N pixels. Default: 250000000; 0: no limit.")
@@ -523,6 +527,7 @@ def _make_task_command(task: str):  # noqa: ANN202 - Typer reads the signature o
         frames: FramesOption = None,
         start: StartOption = None,
         end: EndOption = None,
+        resume: ResumeOption = False,
         tlc: TlcOption = False,
         tlc_train_size: TlcTrainSizeOption = 256,
         ensemble: EnsembleOption = 1,
@@ -554,7 +559,7 @@ def _make_task_command(task: str):  # noqa: ANN202 - Typer reads the signature o
             restorer = pipeline.load_restorer(task, weights, device, precision, tile=tile_size, tile_overlap=tile_overlap,
                                               tile_blend=tile_blend, tlc_train_size=tlc_train_size if tlc else None,
                                               ensemble=ensemble, progress_bar=_progress_bar(quiet))
-        _run_batch(restorer, plan, quality, max_pixels or None, extension, quiet, fail_fast, encoding, span)
+        _run_batch(restorer, plan, quality, max_pixels or None, extension, quiet, fail_fast, encoding, span, resume)
 
     command.__doc__ = TASK_HELP[task]
     command.__name__ = task
@@ -562,7 +567,7 @@ def _make_task_command(task: str):  # noqa: ANN202 - Typer reads the signature o
 
 
 def _run_batch(restorer: Restorer, plan: Plan, quality: int, max_pixels: int | None, extension: str | None,
-               quiet: bool, fail_fast: bool, encoding: Encoding, span: Span) -> None:
+               quiet: bool, fail_fast: bool, encoding: Encoding, span: Span, resume: bool) -> None:
     from mprnet_cli import pipeline
     from mprnet_cli.imageio import FORMATS
 
@@ -572,7 +577,8 @@ def _run_batch(restorer: Restorer, plan: Plan, quality: int, max_pixels: int | N
     interrupted = False
     first_error = None
     outcomes = pipeline.run_jobs(restorer, jobs, quality=quality, max_pixels=max_pixels,
-                                 stdout_format=stdout_format, encoding=encoding, span=span, on_start=report.start,
+                                 stdout_format=stdout_format, encoding=encoding, span=span, resume=resume,
+                                 on_start=report.start,
                                  on_tiles=report.tile_progress, on_frames=report.frame_progress)
     try:
         for outcome in outcomes:

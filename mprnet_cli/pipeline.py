@@ -594,6 +594,7 @@ def run_jobs(
     stdout_format: str = "PNG",
     encoding: Encoding = Encoding(),
     span: Span = Span(),
+    resume: bool = False,
     on_start: Callable[[Job], None] | None = None,
     on_tiles: Progress | None = None,
     on_frames: FrameProgress | None = None,
@@ -602,7 +603,8 @@ def run_jobs(
 
     `on_start(job)` is called as a job reaches the network, `on_tiles(done, total)` as the
     tiles of a tiled image finish, and `on_frames(done, total)` as a clip's frames do.
-    Clips are encoded as `encoding` says, and only their `span`.
+    Clips are encoded as `encoding` says, and only their `span`; `resume` keeps each clip's
+    finished segments for a rerun (`mprnet_cli.video.restore_video`).
 
     Errors stay per job. If the caller stops early (an exception, an interrupt, or simply
     not iterating further), images already restored are still written completely, and
@@ -611,12 +613,12 @@ def run_jobs(
     for is_video, group in itertools.groupby(jobs, key=lambda job: job.video is not None):
         if is_video:
             for job in group:
-                yield _restore_clip(restorer, job, encoding, span, on_start, on_frames)
+                yield _restore_clip(restorer, job, encoding, span, resume, on_start, on_frames)
         else:
             yield from _run_images(restorer, list(group), quality, max_pixels, stdout_format, on_start, on_tiles)
 
 
-def _restore_clip(restorer: Restorer, job: Job, encoding: Encoding, span: Span,
+def _restore_clip(restorer: Restorer, job: Job, encoding: Encoding, span: Span, resume: bool,
                   on_start: Callable[[Job], None] | None, on_frames: FrameProgress | None) -> Outcome:
     """One clip, start to end, as an `Outcome`; an interrupt leaves no output and goes on up."""
     from mprnet_cli import video
@@ -633,7 +635,7 @@ def _restore_clip(restorer: Restorer, job: Job, encoding: Encoding, span: Span,
         target = sys.stdout.buffer if job.target == STDIO else job.target
         with contextlib.nullcontext() if job.target == STDIO else _folders_for(Path(job.target)):
             summary = video.restore_video(restorer, source, target, container=job.video, encoding=encoding,
-                                          span=span, progress=on_frames)
+                                          span=span, progress=on_frames, resume=resume)
     except MprnetError as error:
         return Outcome(job, error=error, seconds=time.perf_counter() - started)
     except Exception as error:  # keep it per clip, as images do

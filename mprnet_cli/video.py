@@ -290,6 +290,23 @@ _ABORT = object()
 
 
 @dataclass
+class _Extent:
+    """The stretch of output time the frames written so far cover, in the input's time base."""
+
+    time_base: Fraction
+    first: int | None = None
+    end: int = 0
+
+    def add(self, pts: int, duration: int) -> None:
+        self.first = pts if self.first is None else min(self.first, pts)
+        self.end = max(self.end, pts + duration)
+
+    @property
+    def seconds(self) -> float:
+        return float((self.end - (self.first or 0)) * self.time_base)
+
+
+@dataclass
 class _Transcoder:
     """Sound for a container that cannot hold its codec: decoded by the input stream's own
     decoder (which the reader leaves alone) and encoded anew; PyAV's encoder converts the
@@ -347,7 +364,7 @@ def restore_video(
                     writer = _open_writer(av, handle, first, reader, extension, encoding,
                                           str(target) if isinstance(target, (str, Path)) else "stdout")
                     compute = _restore_frames(restorer, reader, first, writer, progress)
-                frames, duration = writer.frames, writer.duration
+                frames, duration = writer.frames, writer.extent.seconds
         finally:
             reader.close()
     return VideoSummary(frames, first.width, first.height, duration, reader.damaged, time.perf_counter() - started,
@@ -653,7 +670,7 @@ class _Writer:
                  encoding: Encoding, label: str) -> None:
         self._av, self._output, self._label = av, output, label
         self._colour, self._deep = source.colour, source.deep
-        self._offset, self._time_base = reader.offset, source.time_base
+        self._offset = reader.offset
         self.stream = self._add_video(source, extension, encoding)
         _copy_tags(reader.video.metadata, self.stream.metadata)
         self._copies = _Copies(av, output, reader.copied, reader.offset, source.time_base, label)
@@ -661,15 +678,9 @@ class _Writer:
         self.items: queue.Queue[object] = queue.Queue(QUEUE_DEPTH)
         self.error: MprnetError | None = None
         self.frames = 0
-        self.first_pts: int | None = None
-        self.end_pts = 0
+        self.extent = _Extent(source.time_base)
         self._thread = threading.Thread(target=self._run, name="mprnet-video-writer", daemon=True)
         self._thread.start()
-
-    @property
-    def duration(self) -> float:
-        """Seconds of video written, from the first frame to the end of the last."""
-        return float((self.end_pts - (self.first_pts or 0)) * self._time_base)
 
     def wants(self, pts: int) -> bool:
         return True
@@ -742,9 +753,7 @@ class _Writer:
                                dst_color_range=colour.range, interpolation="BICUBIC")
         frame.pts = item.pts - self._offset
         frame.time_base = self.stream.codec_context.time_base
-        if self.first_pts is None:
-            self.first_pts = frame.pts
-        self.end_pts = max(self.end_pts, frame.pts + (item.duration or 0))
+        self.extent.add(frame.pts, item.duration)
         self._output.mux(self.stream.encode(frame))
         self.frames += 1
 
@@ -916,6 +925,8 @@ class _Segments:
         self._av, self._work, self._source, self._reader = av, work, source, reader
         self._extension, self._encoding, self._label = extension, encoding, label
         self._last = 0  # segments only go forward, even should a damaged clip's timestamps not
+        #: All the frames', those of finished segments too.
+        self.extent = _Extent(source.time_base)
         self._current: tuple[int, contextlib.ExitStack, _Writer] | None = None
 
     def _index(self, pts: int) -> int:
@@ -928,6 +939,7 @@ class _Segments:
     def put(self, item: object) -> None:
         if not isinstance(item, _Frame):  # sound and subtitles join later, from the input
             return
+        self.extent.add(item.pts - self._reader.offset, item.duration)
         index = self._last = self._index(item.pts)
         if self._current is not None and self._current[0] != index:
             self._close()
@@ -982,15 +994,15 @@ def _restore_in_segments(av: ModuleType, restorer: Restorer, reader: _Reader, so
         work.start(identity, network.tile_shape_for(source.height, source.width))
     segments = _Segments(av, work, source, reader, extension, encoding, label)
     compute = _restore_frames(restorer, reader, source, segments, progress, work.tiles)
-    frames, duration = _join(av, work.segments(), source_path, target, source, reader, extension, label)
+    frames = _join(av, work.segments(), source_path, target, source, reader, extension, label)
     work.remove()
-    return frames, duration, compute
+    return frames, segments.extent.seconds, compute
 
 
 def _join(av: ModuleType, segments: list[Path], source_path: Path, target: Path, source: _Source, reader: _Reader,
-          extension: str, label: str) -> tuple[int, float]:
+          extension: str, label: str) -> int:
     """The segments' video packets, in order and untouched, with the input's sound and
-    subtitles, into `target`; (frames, seconds of video)."""
+    subtitles, into `target`; the frames written."""
     with _opened_input(av, segments[0], str(segments[0])) as first:
         template = first.streams.video[0]
         with atomic_file(target) as handle:
@@ -1005,16 +1017,14 @@ def _join(av: ModuleType, segments: list[Path], source_path: Path, target: Path,
                     offset = float(reader.offset * source.time_base)
                     whole = reader._span.whole
                     sound = ((_seconds(p) - offset, 1, _Packet(p, copied.index(p.stream)))
-                             for p in original.demux(*copied) if p.size and (whole or _seconds(p) < reader.end_seconds))
+                             for p in (original.demux(*copied) if copied else ())  # demux() alone: every stream
+                             if p.size and (whole or _seconds(p) < reader.end_seconds))
                     pictures = ((_seconds(p), 0, p) for p in _packets(av, segments))
-                    frames, start, end = 0, None, 0.0
+                    frames = 0
                     for _, kind, item in heapq.merge(pictures, sound, key=lambda entry: (entry[0], entry[1])):
                         if kind:
                             copies.mux(item)
                             continue
-                        seconds = float(item.pts * item.time_base)
-                        start = seconds if start is None else min(start, seconds)
-                        end = max(end, seconds + float((item.duration or 0) * item.time_base))
                         item.stream = video
                         output.mux(item)
                         frames += 1
@@ -1024,7 +1034,7 @@ def _join(av: ModuleType, segments: list[Path], source_path: Path, target: Path,
                 with contextlib.suppress(Exception):
                     output.close()
                 raise
-    return frames, end - (start or 0.0)
+    return frames
 
 
 def _packets(av: ModuleType, paths: list[Path]) -> Iterator[Any]:
