@@ -540,8 +540,12 @@ class _Reader:
         """Frames the container announces beyond those that decoded: a truncated file can
         end cleanly for the demuxer. From the stream's frame count (MP4, MOV, AVI), else
         Matroska's DURATION tag, else the file's duration when it holds nothing but the
-        video; 0 when it announces none of them (MPEG-TS)."""
+        video. MPEG-TS announces none of them: a file that ends inside one of its fixed-size
+        packets was cut, and counts one frame (the cut one; how many followed is unknown)."""
         video = self.video
+        if self._container.format.name == "mpegts":
+            size = self._container.size
+            return int(size > 0 and all(size % packet for packet in _TS_PACKET_SIZES))
         if video.frames:
             return max(video.frames - self.decoded, 0)
         end = None  # not from video.duration: FFmpeg fills it from the longest stream's
@@ -614,8 +618,8 @@ class _Copies:
         if not _container_takes(self._output, name):
             if stream.type == "audio":
                 return self._add_transcoder(stream, name)
-            logger.warning("%s: a %s stream (%s) cannot go into this container and is left out; "
-                           "choose .mkv to keep it", self._label, stream.type, name)
+            logger.warning("%s: a %s stream (%s) cannot be written to %s and is left out", self._label, stream.type,
+                           name, self._output.format.name)
             return None
         try:
             copy = self._output.add_stream_from_template(stream)
@@ -1057,6 +1061,8 @@ def _container_takes(output: Any, codec_name: str) -> bool:
     return codec_name in supported or family in supported
 
 
+#: MPEG-TS packet sizes: plain, with a 4-byte timestamp (M2TS), with 16 bytes of error correction.
+_TS_PACKET_SIZES = (188, 192, 204)
 #: FFmpeg's MPEG-TS muxer has no codec table to ask; these are the codecs it writes.
 _MPEGTS_CODECS = {"h264", "hevc", "mpeg2video", "aac", "mp2", "mp3", "ac3", "eac3", "opus", "dvbsub", "dvb_teletext"}
 

@@ -427,3 +427,60 @@ def test_bad_parts_name_their_option(tmp_path: Path, options: list[str], message
         main()
     assert exit_status.value.code == 2
     assert capsys.readouterr() == ("", f"error: Invalid value {message} (see `mprnet deblur --help`)\n")
+
+
+def _subtitled(path: Path, codec: str, cues: list[str]) -> Path:
+    """A clip with a subtitle track of `codec` (subrip, ass, mov_text) holding one cue every 50 ms."""
+    plain = make_clip(path.with_name("plain" + path.suffix), frames=4, codec="ffv1" if path.suffix == ".mkv" else "libx264")
+    with av.open(str(plain)) as source, av.open(str(path), "w") as target:
+        video = target.add_stream_from_template(source.streams.video[0])
+        subtitles = target.add_mux_stream(codec, time_base=Fraction(1, 1000))
+        subtitles.metadata["language"] = "eng"
+        for packet in source.demux(video=0):
+            if packet.size:
+                packet.stream = video
+                target.mux(packet)
+        for index, cue in enumerate(cues):
+            # mov_text stores each cue after its length in two bytes; SubRip and ASS as text.
+            cue_packet = av.Packet(len(cue).to_bytes(2, "big") + cue.encode() if codec == "mov_text" else cue.encode())
+            cue_packet.stream, cue_packet.time_base = subtitles, Fraction(1, 1000)
+            cue_packet.pts = cue_packet.dts = index * 50
+            cue_packet.duration = 40
+            target.mux(cue_packet)
+    return path
+
+
+def _cues(path: Path) -> tuple[str, str | None, list[tuple[float, str]]] | None:
+    """The subtitle track's codec, language and (seconds, text) of each cue; None without one."""
+    with av.open(str(path)) as container:
+        if not container.streams.subtitles:
+            return None
+        stream = container.streams.subtitles[0]
+        name = stream.codec_context.name
+        cues = []
+        for packet in container.demux(stream):
+            text = bytes(packet)[2:] if name == "mov_text" else bytes(packet)  # mp4 also stores empty gap cues
+            if text:
+                cues.append((float(packet.pts * packet.time_base), text.decode()))
+        return name, stream.metadata.get("language"), cues
+
+
+@pytest.mark.parametrize(("source_name", "codec", "target_name", "kept"), [
+    ("srt.mkv", "subrip", "out.mkv", "srt"),
+    ("ass.mkv", "ass", "out.mkv", "ssa"),
+    ("timed.mp4", "mov_text", "out.mp4", "mov_text"),
+    ("srt.mkv", "subrip", "out.mp4", None),
+])
+def test_subtitles_are_copied_where_the_container_holds_them(tmp_path: Path, source_name: str, codec: str,
+                                                             target_name: str, kept: str | None) -> None:
+    cues = ["0,0,Default,,0,0,0,,hello", "0,0,Default,,0,0,0,,world"] if codec == "ass" else ["hello", "world"]
+    source = _subtitled(tmp_path / source_name, codec, cues)
+    target = tmp_path / target_name
+    result = restore([str(source), "-o", str(target)])
+    assert result.exit_code == 0, result.stderr
+    if kept is None:
+        assert _cues(target) is None
+        assert result.stderr.splitlines()[0] == f"warning: {target}: a subtitle stream (srt) cannot be written to mp4 and is left out"
+    else:
+        assert _cues(target) == (kept, "eng", [(0.0, cues[0]), (0.05, cues[1])])
+        assert len(result.stderr.splitlines()) == 1  # the clip's line, no warning
