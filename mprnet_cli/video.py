@@ -1042,10 +1042,20 @@ def _join(av: ModuleType, segments: list[Path], source_path: Path, target: Path,
 
 
 def _packets(av: ModuleType, paths: list[Path]) -> Iterator[Any]:
-    """The video packets of each file in turn, one file open at a time."""
+    """The video packets of each file in turn, one file open at a time.
+
+    Matroska stores no decoding times: its demuxer guesses them, and cannot for the first
+    packets of each file, which would leave the joined stream with gaps at every segment.
+    Those are left to the muxer, which derives them from the presentation times across
+    the whole stream, as it does for the encoder's packets in one pass."""
     for path in paths:
         with _opened_input(av, path, str(path)) as segment:
-            yield from (packet for packet in segment.demux(video=0) if packet.size)
+            guessed = segment.format.name.startswith("matroska")
+            for packet in segment.demux(video=0):
+                if packet.size:
+                    if guessed:
+                        packet.dts = None
+                    yield packet
 
 
 def _seconds(packet: Any) -> float:
