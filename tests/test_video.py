@@ -410,8 +410,8 @@ def test_a_truncated_mpeg_ts_is_reported_damaged(tmp_path: Path) -> None:
     assert code == 1
     restored = len(list(read_frames(tmp_path / "clip_deblurred.ts")))
     assert 5 <= restored < 20
-    assert stderr == (f"error: {clip}: 1 frame(s) damaged or missing; what decoded ({restored} frames) "
-                      f"is restored in {tmp_path / 'clip_deblurred.ts'}\n")
+    assert stderr.splitlines()[-1] == (f"error: {clip}: 1 frame(s) damaged or missing; what decoded ({restored} frames) "
+                                       f"is restored in {tmp_path / 'clip_deblurred.ts'}")  # after progress on a slow machine
     make_clip(clip, frames=20)  # whole again: not damaged
     assert _one_error([str(clip), "--overwrite"])[0] == 0
 
