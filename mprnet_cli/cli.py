@@ -343,7 +343,7 @@ EndOption = Annotated[
 ]
 ResumeOption = Annotated[
     bool, typer.Option("--resume", rich_help_panel=VIDEO_PANEL,
-                       help="Keep each clip's finished 10 s segments; a rerun goes on from them.")
+                       help="Keep finished 10 s segments; a rerun goes on from them.")
 ]
 MaxPixelsOption = Annotated[
     int, typer.Option("--max-pixels", metavar="N", callback=_in_range(0), rich_help_panel=IO_PANEL, show_default=False,

@@ -855,7 +855,8 @@ class _WorkFolder:
 
     def resume(self, identity: dict[str, object]) -> bool:
         """Whether an earlier run of this same command left segments to keep (listed in
-        `finished`); a work folder made by another command is removed, with a warning."""
+        `finished`); False, with a warning, for a work folder another command made (which
+        `start` then empties)."""
         try:
             manifest = json.loads((self.path / _MANIFEST).read_text())
         except FileNotFoundError:
@@ -1016,7 +1017,7 @@ def _join(av: ModuleType, segments: list[Path], source_path: Path, target: Path,
                     video = output.add_stream_from_template(template)
                     _copy_tags(original.streams.video[0].metadata, video.metadata)
                     copied = [s for s in original.streams if s.type in ("audio", "subtitle")]
-                    copies = _Copies(av, output, copied, reader.offset, source.time_base, label)
+                    copies = _Copies(av, output, copied, reader.offset, source.time_base, str(target))
                     _copy_tags(original.metadata, output.metadata)
                     offset = float(reader.offset * source.time_base)
                     whole = reader._span.whole
@@ -1034,6 +1035,10 @@ def _join(av: ModuleType, segments: list[Path], source_path: Path, target: Path,
                         frames += 1
                     copies.flush()
                 output.close()
+            except av.FFmpegError as error:  # the segments stay for another try
+                with contextlib.suppress(Exception):
+                    output.close()
+                raise OutputError(f"{target}: cannot join the segments ({_reason(error)})") from None
             except BaseException:
                 with contextlib.suppress(Exception):
                     output.close()
