@@ -352,6 +352,10 @@ EndOption = Annotated[
     Optional[float], typer.Option("--end", metavar="SECONDS", callback=_in_range(0), rich_help_panel=VIDEO_PANEL,
                                   help="Restore each clip up to this time.")
 ]
+ResumeOption = Annotated[
+    bool, typer.Option("--resume", rich_help_panel=VIDEO_PANEL,
+                       help="Keep finished 10 s segments; a rerun goes on from them.")
+]
 MaxPixelsOption = Annotated[
     int, typer.Option("--max-pixels", metavar="N", callback=_in_range(0), rich_help_panel=IO_PANEL, show_default=False,
                       help="Refuse images over N pixels. Default: 250000000; 0: no limit.")
@@ -538,6 +542,7 @@ def _make_task_command(task: str):  # noqa: ANN202 - Typer reads the signature o
         frames: FramesOption = None,
         start: StartOption = None,
         end: EndOption = None,
+        resume: ResumeOption = False,
         tlc: TlcOption = False,
         tlc_train_size: TlcTrainSizeOption = 256,
         ensemble: EnsembleOption = 1,
@@ -583,14 +588,15 @@ def _make_task_command(task: str):  # noqa: ANN202 - Typer reads the signature o
                 def run(report: _Report) -> Iterator[Outcome]:
                     return pipeline.run_jobs(restorer, plan.jobs, quality=quality, max_pixels=max_pixels or None,
                                              stdout_format=FORMATS.get(extension or "", "PNG"), encoding=encoding,
-                                             span=span, on_start=report.start, on_tiles=report.tile_progress,
-                                             on_frames=report.frame_progress)
+                                             span=span, resume=resume, on_start=report.start,
+                                             on_tiles=report.tile_progress, on_frames=report.frame_progress)
             else:
                 from mprnet_cli.cluster import WorkerSettings, run_jobs
 
                 checkpoint = pipeline.checked_checkpoint(task, weights, progress_bar=_progress_bar(quiet))
                 settings = WorkerSettings(task, device=device, precision=precision, restorer_options=restorer_options,
-                                          quality=quality, max_pixels=max_pixels or None, encoding=encoding, span=span)
+                                          quality=quality, max_pixels=max_pixels or None, encoding=encoding, span=span,
+                                          resume=resume)
 
                 def run(report: _Report) -> Iterator[Outcome]:
                     return run_jobs(plan.jobs, checkpoint, settings, cluster)

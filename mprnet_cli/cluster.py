@@ -67,6 +67,7 @@ class WorkerSettings:
     max_pixels: int | None = None
     encoding: Encoding = Encoding()
     span: Span = Span()
+    resume: bool = False
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ class RestoreWorker:
 
         settings = self.settings
         if job.video is not None:  # a clip streams through its own reader and writer threads
-            return _row(pipeline.restore_clip(self.restorer, job, settings.encoding, settings.span), self.node)
+            return _row(pipeline.restore_clip(self.restorer, job, settings.encoding, settings.span, settings.resume), self.node)
         started = time.perf_counter()
         try:
             picture = pipeline.read_source(job.source, settings.max_pixels)

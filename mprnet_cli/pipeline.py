@@ -710,6 +710,7 @@ def run_jobs(
     stdout_format: str = "PNG",
     encoding: Encoding = Encoding(),
     span: Span = Span(),
+    resume: bool = False,
     on_start: Callable[[Job], None] | None = None,
     on_tiles: Progress | None = None,
     on_frames: FrameProgress | None = None,
@@ -718,7 +719,8 @@ def run_jobs(
 
     `on_start(job)` is called as a job reaches the network, `on_tiles(done, total)` as the
     tiles of a tiled image finish, and `on_frames(done, total)` as a clip's frames do.
-    Clips are encoded as `encoding` says, and only their `span`.
+    Clips are encoded as `encoding` says, and only their `span`; `resume` keeps each clip's
+    finished segments for a rerun (`mprnet_cli.video.restore_video`).
 
     Errors stay per job. If the caller stops early (an exception, an interrupt, or simply
     not iterating further), images already restored are still written completely, and
@@ -727,12 +729,12 @@ def run_jobs(
     for is_video, group in itertools.groupby(jobs, key=lambda job: job.video is not None):
         if is_video:
             for job in group:
-                yield restore_clip(restorer, job, encoding, span, on_start, on_frames)
+                yield restore_clip(restorer, job, encoding, span, resume, on_start, on_frames)
         else:
             yield from _run_images(restorer, list(group), quality, max_pixels, stdout_format, on_start, on_tiles)
 
 
-def restore_clip(restorer: Restorer, job: Job, encoding: Encoding, span: Span,
+def restore_clip(restorer: Restorer, job: Job, encoding: Encoding, span: Span, resume: bool = False,
                  on_start: Callable[[Job], None] | None = None, on_frames: FrameProgress | None = None) -> Outcome:
     """One clip, start to end, as an `Outcome`; an interrupt leaves no output and goes on up."""
     from mprnet_cli import video
@@ -749,7 +751,8 @@ def restore_clip(restorer: Restorer, job: Job, encoding: Encoding, span: Span,
             summary = video.restore_video(restorer, source, target, container=job.video, encoding=encoding,
                                           span=span, progress=on_frames,
                                           source_label=None if job.source == STDIO else job.source,
-                                          target_label=None if job.target == STDIO else job.target)
+                                          target_label=None if job.target == STDIO else job.target,
+                                          resume=resume and _resumable(job))
     except MprnetError as error:
         return Outcome(job, error=error, seconds=time.perf_counter() - started)
     except Exception as error:  # keep it per clip, as images do
@@ -767,6 +770,15 @@ def restore_clip(restorer: Restorer, job: Job, encoding: Encoding, span: Span,
 
 
 @contextlib.contextmanager
+def _resumable(job: Job) -> bool:
+    """--resume keeps a clip's segments beside a local output, from a local input; a clip
+    on an object store is restored in one pass (its local copies last only the run)."""
+    if storage.is_uri(job.source) or storage.is_uri(job.target):
+        logger.warning("%s: on an object store, so restored in one pass (--resume needs local files)", job.source)
+        return False
+    return True
+
+
 def _clip_files(job: Job) -> Iterator[tuple[str | BinaryIO, str | BinaryIO]]:
     """Where a clip is read and written: standard input and output, local files, or for a
     store's objects local copies (a clip is decoded and muxed with seeks, which a store

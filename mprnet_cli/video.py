@@ -25,23 +25,28 @@ The network code is the `Restorer`'s; this module never tiles or chooses a preci
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import heapq
+import json
 import logging
 import os
 import queue
+import shutil
+import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 import numpy as np
 
 from mprnet_cli.errors import InputError, MprnetError, OutputError
-from mprnet_cli.imageio import atomic_file
+from mprnet_cli.imageio import atomic_file, write_atomic
 
 if TYPE_CHECKING:
     from mprnet_cli.model.restorer import Restorer
@@ -106,6 +111,11 @@ _STALE_TAGS = {"encoder", "major_brand", "minor_version", "compatible_brands", "
 #: The nominal frame rate given to the encoder when the container states none (every
 #: frame keeps its own timestamp all the same).
 DEFAULT_RATE = Fraction(25)
+#: Seconds of video in each segment a resumable clip is encoded in (see docs/video.md: a
+#: forced keyframe this often costs little, and an interruption loses at most this much).
+SEGMENT_SECONDS = 10
+#: The work folder's record of the command that made its segments.
+_MANIFEST = "manifest.json"
 #: Frames decoded ahead of the network, and restored frames waiting for the encoder.
 QUEUE_DEPTH = 4
 
@@ -213,14 +223,15 @@ class Colour:
     transfer: int
 
     @classmethod
-    def of(cls, frame: Any) -> Colour:
+    def of(cls, frame: Any, label: str) -> Colour:
         """As tagged, with the players' guesses for what is not: the matrix by height,
-        limited range unless the pixel format is a full-range (`yuvj`) one."""
+        limited range unless the pixel format is a full-range (`yuvj`) one. `label` names
+        the clip in the warning for a matrix swscale does not know."""
         matrix = frame.colorspace
         if matrix not in _SWSCALE_MATRICES:
             guess = _MATRIX_BT709 if frame.height >= HD_LINES else _MATRIX_SMPTE170M
             if matrix != _MATRIX_UNSPECIFIED:
-                logger.warning("colour matrix %d is not supported; converting as %s", matrix,
+                logger.warning("%s: colour matrix %d is not supported; converting as %s", label, matrix,
                                "BT.709" if guess == _MATRIX_BT709 else "BT.601")
             matrix = guess
         colour_range = frame.color_range
@@ -249,6 +260,8 @@ class _Source:
     rotation: list[int] | None
     codec_name: str
     time_base: Fraction
+    #: The first frame's timestamp, where a resumable clip's segments are counted from.
+    start_pts: int
     rate: Fraction | None
     total: int | None
 
@@ -277,6 +290,23 @@ _ABORT = object()
 
 
 @dataclass
+class _Extent:
+    """The stretch of output time the frames written so far cover, in the input's time base."""
+
+    time_base: Fraction
+    first: int | None = None
+    end: int = 0
+
+    def add(self, pts: int, duration: int) -> None:
+        self.first = pts if self.first is None else min(self.first, pts)
+        self.end = max(self.end, pts + duration)
+
+    @property
+    def seconds(self) -> float:
+        return float((self.end - (self.first or 0)) * self.time_base)
+
+
+@dataclass
 class _Transcoder:
     """Sound for a container that cannot hold its codec: decoded by the input stream's own
     decoder (which the reader leaves alone) and encoded anew; PyAV's encoder converts the
@@ -302,6 +332,7 @@ def restore_video(
     progress: FrameProgress | None = None,
     source_label: str | None = None,
     target_label: str | None = None,
+    resume: bool = False,
 ) -> VideoSummary:
     """Restore a clip from `source` (a path, or a readable binary file such as stdin) into
     `target` (a path, written atomically, or a writable binary file such as stdout).
@@ -311,28 +342,37 @@ def restore_video(
     the files by their labels (by default their paths, or stdin and stdout: a local copy of
     a store's object is named by its URI). The frames are restored by `restorer` with one
     tile shape for the whole clip.
+
+    `resume` (paths only) encodes the clip in segments of `SEGMENT_SECONDS`, each kept in a
+    work folder beside the target as it completes; the same call after an interruption
+    restores only the segments that are missing, then joins them all without re-encoding.
     """
     label = source_label or (str(source) if isinstance(source, (str, Path)) else "stdin")
     av = import_av(label)
     extension = container or (Path(target).suffix.lower() if isinstance(target, (str, Path)) else None)
     if extension not in CONTAINERS:
         raise OutputError(f"{target}: not a video container; use one of {', '.join(CONTAINERS)}")
+    if resume and not (isinstance(source, (str, Path)) and isinstance(target, (str, Path))):
+        raise OutputError(f"{label}: --resume needs a clip file in and a file out, not a pipe")
     started = time.perf_counter()
     with _opened_input(av, source, label) as input_container:
-        reader = _Reader(av, input_container, label, span)
+        reader = _Reader(av, input_container, label, span, copy_streams=not resume)
         try:
             first = reader.first()
-            if isinstance(target, (str, Path)):
-                with atomic_file(Path(target)) as handle:
-                    result = _run(av, restorer, reader, first, handle, extension, encoding, progress,
-                                  target_label or str(target))
+            if resume:
+                frames, duration, compute = _restore_in_segments(av, restorer, reader, first, Path(source), Path(target),
+                                                                 extension, encoding, span, progress)
             else:
-                result = _run(av, restorer, reader, first, target, extension, encoding, progress,
-                              target_label or "stdout")
+                with atomic_file(Path(target)) if isinstance(target, (str, Path)) else \
+                        contextlib.nullcontext(target) as handle:
+                    writer = _open_writer(av, handle, first, reader, extension, encoding, target_label or (
+                        str(target) if isinstance(target, (str, Path)) else "stdout"))
+                    compute = _restore_frames(restorer, reader, first, writer, progress)
+                frames, duration = writer.frames, writer.extent.seconds
         finally:
             reader.close()
-    frames, duration, damaged, compute_seconds = result
-    return VideoSummary(frames, first.width, first.height, duration, damaged, time.perf_counter() - started, compute_seconds)
+    return VideoSummary(frames, first.width, first.height, duration, reader.damaged, time.perf_counter() - started,
+                        compute)
 
 
 def read_frames(source: str | Path | BinaryIO, span: Span = Span()) -> Iterator[tuple[int, np.ndarray]]:
@@ -400,7 +440,7 @@ class _Reader:
             raise InputError(f"{self._label}: no frames decode in the video stream" if self._span.whole
                              else f"{self._label}: no frames in the chosen part of the clip")
         frame, pts = first
-        self._colour = Colour.of(frame)
+        self._colour = Colour.of(frame, self._label)
         if self._colour.hdr:
             logger.warning("%s: HDR (PQ/HLG) video; its tags are kept, but the model was trained on SDR images",
                            self._label)
@@ -412,7 +452,7 @@ class _Reader:
         rotation = np.frombuffer(bytes(matrix), dtype=np.int32).tolist() if matrix is not None else None
         rate = self.video.average_rate or self.video.guessed_rate or DEFAULT_RATE
         source = _Source(frame.width, frame.height, frame.format.name, self._deep, self._colour, rotation,
-                         self.video.codec_context.name, self.video.time_base, rate, self._expected_frames(rate))
+                         self.video.codec_context.name, self.video.time_base, pts, rate, self._expected_frames(rate))
         self._first: tuple[Any, int] | None = (frame, pts)
         return source
 
@@ -504,8 +544,12 @@ class _Reader:
         """Frames the container announces beyond those that decoded: a truncated file can
         end cleanly for the demuxer. From the stream's frame count (MP4, MOV, AVI), else
         Matroska's DURATION tag, else the file's duration when it holds nothing but the
-        video; 0 when it announces none of them (MPEG-TS)."""
+        video. MPEG-TS announces none of them: a file that ends inside one of its fixed-size
+        packets was cut, and counts one frame (the cut one; how many followed is unknown)."""
         video = self.video
+        if self._container.format.name == "mpegts":
+            size = self._container.size
+            return int(size > 0 and all(size % packet for packet in _TS_PACKET_SIZES))
         if video.frames:
             return max(video.frames - self.decoded, 0)
         end = None  # not from video.duration: FFmpeg fills it from the longest stream's
@@ -561,8 +605,74 @@ class _Reader:
             self._thread.join()
 
 
+class _Copies:
+    """The output's audio and subtitle streams, copied packet by packet from the input's;
+    sound the container cannot hold is re-encoded, a subtitle it cannot hold left out."""
+
+    def __init__(self, av: ModuleType, output: Any, streams: list[Any], offset: int, time_base: Fraction,
+                 label: str) -> None:
+        self._av, self._output, self._label = av, output, label
+        #: Where the output's clock starts, in the input video's time base (0 for a whole clip).
+        self._offset, self._time_base = offset, time_base
+        self._streams = [self._add(stream) for stream in streams]
+
+    def _add(self, stream: Any) -> Any | None:
+        """An output stream for a copied audio or subtitle stream, or None where the container cannot hold it."""
+        name = stream.codec_context.name if stream.codec_context is not None else "unknown"
+        if not _container_takes(self._output, name):
+            if stream.type == "audio":
+                return self._add_transcoder(stream, name)
+            logger.warning("%s: a %s stream (%s) cannot be written to %s and is left out", self._label, stream.type,
+                           name, self._output.format.name)
+            return None
+        try:
+            copy = self._output.add_stream_from_template(stream)
+        except (ValueError, self._av.FFmpegError) as error:
+            logger.warning("%s: a %s stream (%s) is left out: %s", self._label, stream.type, name, _reason(error))
+            return None
+        _copy_tags(stream.metadata, copy.metadata)
+        return copy
+
+    def _add_transcoder(self, stream: Any, name: str) -> _Transcoder | None:
+        codec = next((c for c in ("libopus", "aac") if _container_takes(self._output, c)), None)
+        if codec is None:
+            logger.warning("%s: the sound (%s) cannot go into this container and is left out; "
+                           "choose .mkv to keep it", self._label, name)
+            return None
+        logger.warning("%s: the sound (%s) cannot go into this container; re-encoded as %s",
+                       self._label, name, codec.removeprefix("lib"))
+        rate = 48_000 if codec == "libopus" else stream.codec_context.sample_rate  # Opus runs at 48 kHz
+        encoded = self._output.add_stream(codec, rate=rate, layout=stream.codec_context.layout.name)
+        _copy_tags(stream.metadata, encoded.metadata)
+        return _Transcoder(stream, encoded)
+
+    def mux(self, item: _Packet) -> None:
+        stream = self._streams[item.index]
+        if stream is None:
+            return
+        packet = item.packet
+        if self._offset:
+            # In the input video's time base: the output's may have changed when its header was written.
+            shift = int(self._offset * self._time_base / packet.time_base)
+            if packet.pts is not None and packet.pts < shift:
+                return  # before the chosen part
+            packet.pts = packet.pts - shift if packet.pts is not None else None
+            packet.dts = packet.dts - shift if packet.dts is not None else None
+        if isinstance(stream, _Transcoder):
+            self._output.mux(stream.encode(packet))
+            return
+        packet.stream = stream
+        self._output.mux(packet)
+
+    def flush(self) -> None:
+        """The sound still held by the re-encoders."""
+        for stream in self._streams:
+            if isinstance(stream, _Transcoder):
+                self._output.mux(stream.encode(None))
+
+
 class _Writer:
-    """Encodes and muxes in a thread; the output container is opened by the caller's thread."""
+    """Encodes and muxes in a thread, into an output container it closes when finished."""
 
     def __init__(self, av: ModuleType, output: Any, source: _Source, reader: _Reader, extension: str,
                  encoding: Encoding, label: str) -> None:
@@ -571,15 +681,17 @@ class _Writer:
         self._offset = reader.offset
         self.stream = self._add_video(source, extension, encoding)
         _copy_tags(reader.video.metadata, self.stream.metadata)
-        self._copies = [self._add_copy(stream) for stream in reader.copied]
+        self._copies = _Copies(av, output, reader.copied, reader.offset, source.time_base, label)
         _copy_tags(reader._container.metadata, output.metadata)
         self.items: queue.Queue[object] = queue.Queue(QUEUE_DEPTH)
         self.error: MprnetError | None = None
         self.frames = 0
-        self.first_pts: int | None = None
-        self.end_pts = 0
+        self.extent = _Extent(source.time_base)
         self._thread = threading.Thread(target=self._run, name="mprnet-video-writer", daemon=True)
         self._thread.start()
+
+    def wants(self, pts: int) -> bool:
+        return True
 
     def _add_video(self, source: _Source, extension: str, encoding: Encoding) -> Any:
         family = encoding.codec or _default_family(source, self._output)
@@ -608,36 +720,6 @@ class _Writer:
             stream.set_display_matrix(source.rotation)
         return stream
 
-    def _add_copy(self, stream: Any) -> Any | None:
-        """An output stream for a copied audio or subtitle stream, or None where the container cannot hold it."""
-        name = stream.codec_context.name if stream.codec_context is not None else "unknown"
-        if not _container_takes(self._output, name):
-            if stream.type == "audio":
-                return self._add_transcoder(stream, name)
-            logger.warning("%s: a %s stream (%s) cannot go into this container and is left out; "
-                           "choose .mkv to keep it", self._label, stream.type, name)
-            return None
-        try:
-            copy = self._output.add_stream_from_template(stream)
-        except (ValueError, self._av.FFmpegError) as error:
-            logger.warning("%s: a %s stream (%s) is left out: %s", self._label, stream.type, name, _reason(error))
-            return None
-        _copy_tags(stream.metadata, copy.metadata)
-        return copy
-
-    def _add_transcoder(self, stream: Any, name: str) -> _Transcoder | None:
-        codec = next((c for c in ("libopus", "aac") if _container_takes(self._output, c)), None)
-        if codec is None:
-            logger.warning("%s: the sound (%s) cannot go into this container and is left out; "
-                           "choose .mkv to keep it", self._label, name)
-            return None
-        logger.warning("%s: the sound (%s) cannot go into this container; re-encoded as %s",
-                       self._label, name, codec.removeprefix("lib"))
-        rate = 48_000 if codec == "libopus" else stream.codec_context.sample_rate  # Opus runs at 48 kHz
-        encoded = self._output.add_stream(codec, rate=rate, layout=stream.codec_context.layout.name)
-        _copy_tags(stream.metadata, encoded.metadata)
-        return _Transcoder(stream, encoded)
-
     def put(self, item: object) -> None:
         """Queue an item, or raise the writer's error if it has stopped."""
         while True:
@@ -658,12 +740,10 @@ class _Writer:
                 if isinstance(item, _Frame):
                     self._encode(item)
                 elif isinstance(item, _Packet):
-                    self._mux_copy(item)
+                    self._copies.mux(item)
                 else:
                     self._output.mux(self.stream.encode())
-                    for copy in self._copies:
-                        if isinstance(copy, _Transcoder):
-                            self._output.mux(copy.encode(None))
+                    self._copies.flush()
                     return
         except Exception as error:  # the caller's loop raises it on its next frame
             logger.debug("writing %s failed", self._label, exc_info=True)
@@ -681,34 +761,17 @@ class _Writer:
                                dst_color_range=colour.range, interpolation="BICUBIC")
         frame.pts = item.pts - self._offset
         frame.time_base = self.stream.codec_context.time_base
-        if self.first_pts is None:
-            self.first_pts = frame.pts
-        self.end_pts = max(self.end_pts, frame.pts + (item.duration or 0))
+        self.extent.add(frame.pts, item.duration)
         self._output.mux(self.stream.encode(frame))
         self.frames += 1
 
-    def _mux_copy(self, item: _Packet) -> None:
-        stream = self._copies[item.index]
-        if stream is None:
-            return
-        packet = item.packet
-        if self._offset:
-            shift = int(self._offset * self.stream.time_base / packet.time_base)
-            if packet.pts is not None and packet.pts < shift:
-                return  # before the chosen part
-            packet.pts = packet.pts - shift if packet.pts is not None else None
-            packet.dts = packet.dts - shift if packet.dts is not None else None
-        if isinstance(stream, _Transcoder):
-            self._output.mux(stream.encode(packet))
-            return
-        packet.stream = stream
-        self._output.mux(packet)
-
     def finish(self) -> None:
+        """Flush the encoder and close the container; raises the writer's error, if any."""
         self.put(_End(0))
         self._thread.join()
         if self.error is not None:
             raise self.error
+        self._output.close()
 
     def abort(self) -> None:
         with contextlib.suppress(queue.Full):
@@ -720,18 +783,38 @@ class _Writer:
             with contextlib.suppress(queue.Full):
                 self.items.put_nowait(_ABORT)
             self._thread.join(timeout=0.05)
+        with contextlib.suppress(Exception):
+            self._output.close()
 
 
-def _run(av: ModuleType, restorer: Restorer, reader: _Reader, source: _Source, handle: BinaryIO, extension: str,
-         encoding: Encoding, progress: FrameProgress | None, label: str) -> tuple[int, float, int, float]:
-    """The network loop between reader and writer; (frames, seconds of video, damaged, compute seconds)."""
+def _open_writer(av: ModuleType, handle: BinaryIO, source: _Source, reader: _Reader, extension: str,
+                 encoding: Encoding, label: str) -> _Writer:
     try:
         output = av.open(handle, "w", format=CONTAINERS[extension])
     except (av.FFmpegError, ValueError) as error:
         raise OutputError(f"{label}: cannot write {extension} ({_reason(error)})") from None
-    writer = None
     try:
-        writer = _Writer(av, output, source, reader, extension, encoding, label)
+        return _Writer(av, output, source, reader, extension, encoding, label)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            output.close()
+        raise
+
+
+class _Sink(Protocol):
+    """Where restored frames go: one writer, or one writer per segment."""
+
+    def wants(self, pts: int) -> bool: ...
+    def put(self, item: object) -> None: ...
+    def finish(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+def _restore_frames(restorer: Restorer, reader: _Reader, source: _Source, sink: _Sink,
+                    progress: FrameProgress | None, tiles: tuple[int, int] | None | str = "choose") -> float:
+    """The network loop between reader and `sink`, for the frames the sink wants; the compute seconds.
+    `tiles` holds a tile shape chosen earlier (by a run being resumed) rather than choosing one now."""
+    try:
         reader.start()
         compute = 0.0
         done = 0
@@ -739,33 +822,249 @@ def _run(av: ModuleType, restorer: Restorer, reader: _Reader, source: _Source, h
             progress(0, source.total)
         # Deep colour runs on the restorer's fp32 twin under precision auto: hold its tiles.
         restorer = restorer.restorer_for(np.dtype(np.uint16 if source.deep else np.uint8))
-        with restorer.same_tiles(source.height, source.width):
+        with restorer.same_tiles(source.height, source.width, tiles):
             while True:
                 item = reader.items.get()
                 if isinstance(item, MprnetError):
                     raise item
                 if isinstance(item, _End):
-                    damaged = item.damaged
                     break
                 if isinstance(item, _Frame):
-                    computing = time.perf_counter()
-                    item.pixels = restorer.restore_array(item.pixels)
-                    compute += time.perf_counter() - computing
+                    if sink.wants(item.pts):
+                        computing = time.perf_counter()
+                        item.pixels = restorer.restore_array(item.pixels)
+                        compute += time.perf_counter() - computing
                     done += 1
                     if progress is not None:
                         progress(done, source.total)
-                writer.put(item)
-        writer.finish()
-        frames, end = writer.frames, writer.end_pts
-        duration = float((end - (writer.first_pts or 0)) * source.time_base)
-        output.close()
+                sink.put(item)
+        sink.finish()
     except BaseException:
-        if writer is not None:
-            writer.abort()
-        with contextlib.suppress(Exception):
-            output.close()
+        sink.abort()
         raise
-    return frames, duration, damaged, compute
+    return compute
+
+
+class _WorkFolder:
+    """The hidden folder beside a resumable clip's target: its finished segments, and a
+    manifest of what made them, which a resumed run must match."""
+
+    def __init__(self, target: Path, extension: str, label: str) -> None:
+        self.path = target.with_name(f".{target.name}.mprnet-parts")
+        self._extension, self._label = extension, label
+        #: Segments an earlier run of the same command finished, by index.
+        self.finished: set[int] = set()
+        #: The tile shape the segments were restored with (None: whole frames).
+        self.tiles: tuple[int, int] | None = None
+
+    def resume(self, identity: dict[str, object]) -> bool:
+        """Whether an earlier run of this same command left segments to keep (listed in
+        `finished`); False, with a warning, for a work folder another command made (which
+        `start` then empties)."""
+        try:
+            manifest = json.loads((self.path / _MANIFEST).read_text())
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError):
+            manifest = None
+        tiles = manifest.get("tiles") if isinstance(manifest, dict) else None
+        if not isinstance(manifest, dict) or manifest.get("identity") != identity or not (
+                tiles is None or (isinstance(tiles, list) and len(tiles) == 2 and all(isinstance(t, int) for t in tiles))):
+            logger.warning("%s: the segments in %s were made by another command (input, options or weights differ); "
+                           "starting over", self._label, self.path)
+            return False
+        self.tiles = (tiles[0], tiles[1]) if tiles else None
+        for stale in self.path.glob(".mprnet-*.partial"):  # a segment being written when the run was killed
+            stale.unlink(missing_ok=True)
+        self.finished = {int(path.name.removesuffix(self._extension)) for path in self.path.iterdir()
+                         if path.name.removesuffix(self._extension).isdigit()}
+        return True
+
+    def start(self, identity: dict[str, object], tiles: tuple[int, int] | None) -> None:
+        """An empty work folder for this command, its manifest written first."""
+        try:
+            shutil.rmtree(self.path, ignore_errors=True)
+            self.path.mkdir()
+            write_atomic(self.path / _MANIFEST, json.dumps({"identity": identity, "tiles": tiles}, indent=1).encode())
+        except OSError as error:
+            raise OutputError(f"{self.path}: cannot create the work folder ({error.strerror or error})") from None
+        self.tiles, self.finished = tiles, set()
+
+    def segment(self, index: int) -> Path:
+        return self.path / f"{index:06d}{self._extension}"
+
+    def segments(self) -> list[Path]:
+        return sorted(self.path.glob(f"[0-9]*{self._extension}"))
+
+    def remove(self) -> None:
+        try:
+            shutil.rmtree(self.path)
+        except OSError as error:
+            logger.warning("%s: cannot remove the work folder %s (%s)", self._label, self.path, error.strerror or error)
+
+
+def _identity(av: ModuleType, restorer: Restorer, source: Path, extension: str, encoding: Encoding,
+              span: Span) -> dict[str, object]:
+    """What a resumed run must share with the run that made the segments: a segment made
+    from another file, with other options, weights or encoder, would not match the rest."""
+    state = restorer.model.state_dict()
+    weights = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach()
+        weights.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        weights.update(tensor.cpu().float().contiguous().numpy().tobytes())  # float: numpy has no bfloat16
+    status = source.stat()
+    return {
+        "source": str(source.resolve()), "bytes": status.st_size, "modified_ns": status.st_mtime_ns,
+        "container": extension, "encoding": asdict(encoding), "span": asdict(span), "weights": weights.hexdigest(),
+        "device": restorer.device.type, "precision": str(restorer.dtype), "tile": restorer.tile,
+        "tile_overlap": restorer.tile_overlap, "tile_blend": restorer.tile_blend,
+        "tlc_train_size": restorer.tlc_train_size, "ensemble": restorer.ensemble,
+        "segment_seconds": SEGMENT_SECONDS, "pyav": av.__version__,
+    }
+
+
+class _Segments:
+    """Restored frames into one file per `SEGMENT_SECONDS` of the clip, each from a fresh
+    encoder (so it starts at a keyframe and is encoded the same whatever ran before it) and
+    renamed into the work folder whole; frames of segments already there are not restored."""
+
+    def __init__(self, av: ModuleType, work: _WorkFolder, source: _Source, reader: _Reader, extension: str,
+                 encoding: Encoding, label: str) -> None:
+        self._av, self._work, self._source, self._reader = av, work, source, reader
+        self._extension, self._encoding, self._label = extension, encoding, label
+        self._last = 0  # segments only go forward, even should a damaged clip's timestamps not
+        #: All the frames', those of finished segments too.
+        self.extent = _Extent(source.time_base)
+        self._current: tuple[int, contextlib.ExitStack, _Writer] | None = None
+
+    def _index(self, pts: int) -> int:
+        seconds = (pts - self._source.start_pts) * self._source.time_base
+        return max(int(seconds // SEGMENT_SECONDS), self._last)
+
+    def wants(self, pts: int) -> bool:
+        return self._index(pts) not in self._work.finished
+
+    def put(self, item: object) -> None:
+        if not isinstance(item, _Frame):  # sound and subtitles join later, from the input
+            return
+        self.extent.add(item.pts - self._reader.offset, item.duration)
+        index = self._last = self._index(item.pts)
+        if self._current is not None and self._current[0] != index:
+            self._close()
+        if index in self._work.finished:
+            return
+        if self._current is None:
+            stack = contextlib.ExitStack()
+            try:
+                handle = stack.enter_context(atomic_file(self._work.segment(index)))
+                writer = _open_writer(self._av, handle, self._source, self._reader, self._extension, self._encoding,
+                                      self._label)
+            except BaseException as error:
+                stack.__exit__(type(error), error, error.__traceback__)
+                raise
+            self._current = (index, stack, writer)
+        self._current[2].put(item)
+
+    def _close(self) -> None:
+        _, stack, writer = self._current  # type: ignore[misc]
+        writer.finish()
+        stack.close()  # the segment is complete: renamed into place
+        self._current = None
+
+    def finish(self) -> None:
+        if self._current is not None:
+            self._close()
+
+    def abort(self) -> None:
+        if self._current is None:
+            return
+        _, stack, writer = self._current
+        self._current = None
+        writer.abort()
+        error = sys.exc_info()[1] or OutputError(f"{self._label}: stopped")
+        with contextlib.suppress(BaseException):  # the error on its way up is the caller's
+            stack.__exit__(type(error), error, error.__traceback__)  # removes the unfinished segment
+
+
+def _restore_in_segments(av: ModuleType, restorer: Restorer, reader: _Reader, source: _Source, source_path: Path,
+                         target: Path, extension: str, encoding: Encoding, span: Span,
+                         progress: FrameProgress | None) -> tuple[int, float, float]:
+    """`--resume`: restore the segments the work folder lacks, join them all into `target`,
+    then remove the folder; (frames, seconds of video, compute seconds)."""
+    label = str(source_path)
+    network = restorer.restorer_for(np.dtype(np.uint16 if source.deep else np.uint8))
+    work = _WorkFolder(target, extension, label)
+    identity = _identity(av, network, source_path, extension, encoding, span)
+    if work.resume(identity):
+        if work.finished:
+            logger.info("%s: resuming: %d finished segment(s) kept from an earlier run", label, len(work.finished))
+    else:
+        work.start(identity, network.tile_shape_for(source.height, source.width))
+    segments = _Segments(av, work, source, reader, extension, encoding, label)
+    compute = _restore_frames(restorer, reader, source, segments, progress, work.tiles)
+    frames = _join(av, work.segments(), source_path, target, source, reader, extension, label)
+    work.remove()
+    return frames, segments.extent.seconds, compute
+
+
+def _join(av: ModuleType, segments: list[Path], source_path: Path, target: Path, source: _Source, reader: _Reader,
+          extension: str, label: str) -> int:
+    """The segments' video packets, in order and untouched, with the input's sound and
+    subtitles, into `target`; the frames written."""
+    with _opened_input(av, segments[0], str(segments[0])) as first:
+        template = first.streams.video[0]
+        with atomic_file(target) as handle:
+            output = av.open(handle, "w", format=CONTAINERS[extension])
+            try:
+                with _opened_input(av, source_path, label) as original:
+                    video = output.add_stream_from_template(template)
+                    _copy_tags(original.streams.video[0].metadata, video.metadata)
+                    copied = [s for s in original.streams if s.type in ("audio", "subtitle")]
+                    copies = _Copies(av, output, copied, reader.offset, source.time_base, str(target))
+                    _copy_tags(original.metadata, output.metadata)
+                    offset = float(reader.offset * source.time_base)
+                    whole = reader._span.whole
+                    sound = ((_seconds(p) - offset, 1, _Packet(p, copied.index(p.stream)))
+                             for p in (original.demux(*copied) if copied else ())  # demux() alone: every stream
+                             if p.size and (whole or _seconds(p) < reader.end_seconds))
+                    pictures = ((_seconds(p), 0, p) for p in _packets(av, segments))
+                    frames = 0
+                    for _, kind, item in heapq.merge(pictures, sound, key=lambda entry: (entry[0], entry[1])):
+                        if kind:
+                            copies.mux(item)
+                            continue
+                        item.stream = video
+                        output.mux(item)
+                        frames += 1
+                    copies.flush()
+                output.close()
+            except av.FFmpegError as error:  # the segments stay for another try
+                with contextlib.suppress(Exception):
+                    output.close()
+                raise OutputError(f"{target}: cannot join the segments ({_reason(error)})") from None
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    output.close()
+                raise
+    return frames
+
+
+def _packets(av: ModuleType, paths: list[Path]) -> Iterator[Any]:
+    """The video packets of each file in turn, one file open at a time.
+
+    Matroska stores no decoding times: its demuxer guesses them, and cannot for the first
+    packets of each file, which would leave the joined stream with gaps at every segment.
+    Those are left to the muxer, which derives them from the presentation times across
+    the whole stream, as it does for the encoder's packets in one pass."""
+    for path in paths:
+        with _opened_input(av, path, str(path)) as segment:
+            guessed = segment.format.name.startswith("matroska")
+            for packet in segment.demux(video=0):
+                if packet.size:
+                    if guessed:
+                        packet.dts = None
+                    yield packet
 
 
 def _seconds(packet: Any) -> float:
@@ -781,6 +1080,8 @@ def _container_takes(output: Any, codec_name: str) -> bool:
     return codec_name in supported or family in supported
 
 
+#: MPEG-TS packet sizes: plain, with a 4-byte timestamp (M2TS), with 16 bytes of error correction.
+_TS_PACKET_SIZES = (188, 192, 204)
 #: FFmpeg's MPEG-TS muxer has no codec table to ask; these are the codecs it writes.
 _MPEGTS_CODECS = {"h264", "hevc", "mpeg2video", "aac", "mp2", "mp3", "ac3", "eac3", "opus", "dvbsub", "dvb_teletext"}
 

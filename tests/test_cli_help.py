@@ -21,8 +21,9 @@ TASKS = ("deblur", "derain", "denoise")
 PANELS = ("Input and output", "Model", "Tiling", "Batch")
 #: Panels that options of the other parts of the tool go into.
 MORE_PANELS = ("Quality", "Video", "Scoring", "Cluster")
-#: A task's help at 100 columns, from usage to examples: one screen with room to grow.
-LINE_BUDGET = 70
+#: A task's help at 100 columns, from usage to examples: about one screen (72 lines since
+#: the Cluster panel and --resume came).
+LINE_BUDGET = 72
 COLUMNS = 100
 #: What Typer prints where a value has no name: types, not words.
 PLACEHOLDERS = re.compile(r"<bool>|<str>|<int|<float|<path|list\[|\bTEXT\b|\bINTEGER\b|\bFLOAT\b|\bBOOLEAN\b|x>=|<=x")

@@ -8,12 +8,14 @@ output's pixel format: exact with FFV1, within the codec's error with H.264.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
 from fractions import Fraction
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -218,8 +220,18 @@ def test_untagged_colour_is_taken_as_players_take_it() -> None:
 
     for height, matrix in ((720, BT709), (32, SMPTE170M)):
         frame = av.VideoFrame(64, height, "yuv420p")
-        assert Colour.of(frame) == Colour(matrix, LIMITED, 2, 2)
-    assert Colour.of(av.VideoFrame(64, 32, "yuvj420p")).range == FULL
+        assert Colour.of(frame, "clip.mp4") == Colour(matrix, LIMITED, 2, 2)
+    assert Colour.of(av.VideoFrame(64, 32, "yuvj420p"), "clip.mp4").range == FULL
+
+
+def test_an_unsupported_matrix_is_converted_as_players_would_and_the_warning_names_the_clip(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from mprnet_cli.video import Colour
+
+    frame = av.VideoFrame(64, 32, "yuv420p")
+    frame.colorspace = 8  # YCgCo: swscale has no coefficients for it
+    assert Colour.of(frame, "clip.mp4").matrix == SMPTE170M
+    assert caplog.messages == ["clip.mp4: colour matrix 8 is not supported; converting as BT.601"]
 
 
 def test_bt709_red_is_converted_with_bt709_maths(tmp_path: Path) -> None:
@@ -389,6 +401,21 @@ def test_a_truncated_clip_restores_what_decodes(tmp_path: Path) -> None:
                       f"is restored in {tmp_path / 'clip_deblurred.mkv'}\n")
 
 
+def test_a_truncated_mpeg_ts_is_reported_damaged(tmp_path: Path) -> None:
+    clip = make_clip(tmp_path / "clip.ts", frames=20)  # MPEG-TS states no frame count nor duration
+    data = clip.read_bytes()
+    cut = len(data) * 2 // 3
+    clip.write_bytes(data[: cut if cut % 188 else cut - 94])  # inside a 188-byte packet, as a cut file ends
+    code, stderr = _one_error([str(clip)])
+    assert code == 1
+    restored = len(list(read_frames(tmp_path / "clip_deblurred.ts")))
+    assert 5 <= restored < 20
+    assert stderr.splitlines()[-1] == (f"error: {clip}: 1 frame(s) damaged or missing; what decoded ({restored} frames) "
+                                       f"is restored in {tmp_path / 'clip_deblurred.ts'}")  # after progress on a slow machine
+    make_clip(clip, frames=20)  # whole again: not damaged
+    assert _one_error([str(clip), "--overwrite"])[0] == 0
+
+
 def test_without_pyav_a_clip_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     clip = make_clip(tmp_path / "clip.mp4", frames=1)
     monkeypatch.setitem(sys.modules, "av", None)  # import av now raises ImportError
@@ -427,3 +454,149 @@ def test_bad_parts_name_their_option(tmp_path: Path, options: list[str], message
         main()
     assert exit_status.value.code == 2
     assert capsys.readouterr() == ("", f"error: Invalid value {message} (see `mprnet deblur --help`)\n")
+
+
+def _subtitled(path: Path, codec: str, cues: list[str]) -> Path:
+    """A clip with a subtitle track of `codec` (subrip, ass, mov_text) holding one cue every 50 ms."""
+    plain = make_clip(path.with_name("plain" + path.suffix), frames=4, codec="ffv1" if path.suffix == ".mkv" else "libx264")
+    with av.open(str(plain)) as source, av.open(str(path), "w") as target:
+        video = target.add_stream_from_template(source.streams.video[0])
+        subtitles = target.add_mux_stream(codec, time_base=Fraction(1, 1000))
+        subtitles.metadata["language"] = "eng"
+        for packet in source.demux(video=0):
+            if packet.size:
+                packet.stream = video
+                target.mux(packet)
+        for index, cue in enumerate(cues):
+            # mov_text stores each cue after its length in two bytes; SubRip and ASS as text.
+            cue_packet = av.Packet(len(cue).to_bytes(2, "big") + cue.encode() if codec == "mov_text" else cue.encode())
+            cue_packet.stream, cue_packet.time_base = subtitles, Fraction(1, 1000)
+            cue_packet.pts = cue_packet.dts = index * 50
+            cue_packet.duration = 40
+            target.mux(cue_packet)
+    return path
+
+
+def _cues(path: Path) -> tuple[str, str | None, list[tuple[float, str]]] | None:
+    """The subtitle track's codec, language and (seconds, text) of each cue; None without one."""
+    with av.open(str(path)) as container:
+        if not container.streams.subtitles:
+            return None
+        stream = container.streams.subtitles[0]
+        name = stream.codec_context.name
+        cues = []
+        for packet in container.demux(stream):
+            text = bytes(packet)[2:] if name == "mov_text" else bytes(packet)  # mp4 also stores empty gap cues
+            if text:
+                cues.append((float(packet.pts * packet.time_base), text.decode()))
+        return name, stream.metadata.get("language"), cues
+
+
+@pytest.mark.parametrize(("source_name", "codec", "target_name", "kept"), [
+    ("srt.mkv", "subrip", "out.mkv", "srt"),
+    ("ass.mkv", "ass", "out.mkv", "ssa"),
+    ("timed.mp4", "mov_text", "out.mp4", "mov_text"),
+    ("srt.mkv", "subrip", "out.mp4", None),
+])
+def test_subtitles_are_copied_where_the_container_holds_them(tmp_path: Path, source_name: str, codec: str,
+                                                             target_name: str, kept: str | None) -> None:
+    cues = ["0,0,Default,,0,0,0,,hello", "0,0,Default,,0,0,0,,world"] if codec == "ass" else ["hello", "world"]
+    source = _subtitled(tmp_path / source_name, codec, cues)
+    target = tmp_path / target_name
+    result = restore([str(source), "-o", str(target)])
+    assert result.exit_code == 0, result.stderr
+    if kept is None:
+        assert _cues(target) is None
+        assert result.stderr.splitlines()[0] == f"warning: {target}: a subtitle stream (srt) cannot be written to mp4 and is left out"
+    else:
+        assert _cues(target) == (kept, "eng", [(0.0, cues[0]), (0.05, cues[1])])
+        assert len(result.stderr.splitlines()) == 1  # the clip's line, no warning
+
+
+def _stop_when(command: list[str], sign: Path, how: signal.Signals) -> int:
+    """Run `command`, send `how` as soon as `sign` exists; its exit status."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               env={**os.environ, "NO_COLOR": "1"})
+    deadline = time.monotonic() + 120
+    while not sign.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(how)
+    _, stderr = process.communicate(timeout=60)
+    assert sign.exists(), stderr.decode()
+    return process.returncode
+
+
+def _decoded(path: Path) -> list[np.ndarray]:
+    return [pixels for _, pixels in read_frames(path)]
+
+
+def test_resume_after_an_interrupt_and_a_kill_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    # One frame a second: each 10 s segment holds 10 frames, so 40 frames make 4 segments.
+    source = make_clip(tmp_path / "clip.mp4", frames=40, time_base=Fraction(1), audio=True)
+    whole = tmp_path / "whole.mp4"
+    assert restore([str(source), "-o", str(whole), "--resume"]).exit_code == 0
+    target = tmp_path / "out" / "clip.mp4"
+    parts = target.with_name(".clip.mp4.mprnet-parts")
+    command = [str(MPRNET), "deblur", str(source), "-o", str(target), "--resume", *WEIGHTS]
+
+    # Ctrl-C once the first segment is kept: exit 130, no output, nothing half-written.
+    assert _stop_when(command, parts / "000000.mp4", signal.SIGINT) == 130
+    assert sorted(p.name for p in target.parent.iterdir()) == [parts.name]
+    kept = sorted(p.name for p in parts.iterdir())
+    assert kept[0] == "000000.mp4" and "manifest.json" in kept and len(kept) < 5
+    assert not list(parts.glob(".mprnet-*"))
+    # Killed outright, with no chance to clean up, once the second segment is kept.
+    assert _stop_when(command, parts / "000001.mp4", signal.SIGKILL) == -signal.SIGKILL
+    finished = sorted(p.name for p in parts.glob("0*.mp4"))
+    assert finished[:2] == ["000000.mp4", "000001.mp4"] and len(finished) < 4
+
+    result = restore([str(source), "-o", str(target), "--resume"])
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.startswith(f"{source}: resuming: {len(finished)} finished segment(s) kept from an earlier run\n")
+    assert sorted(p.name for p in target.parent.iterdir()) == ["clip.mp4"]  # the work folder is gone
+    before, after = clip_facts(source), clip_facts(target)
+    assert after["pts"] == before["pts"] == list(range(40))
+    assert abs(after["audio_seconds"] - before["audio_seconds"]) <= 1024 / AUDIO_RATE
+    decoded, uninterrupted = _decoded(target), _decoded(whole)
+    assert len(decoded) == len(uninterrupted) == 40
+    assert all(np.array_equal(a, b) for a, b in zip(decoded, uninterrupted))
+
+
+def test_resume_in_ffv1_is_exact_and_another_command_starts_over(tmp_path: Path, restorer: Restorer,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="mprnet")
+    stamps = [index * 900 + index % 3 * 170 for index in range(14)]  # variable frame rate over 12 s
+    source = make_clip(tmp_path / "vfr.mkv", codec="ffv1", time_base=Fraction(1, 1000), pts=stamps, audio=True)
+    target = tmp_path / "out.mkv"
+    parts = tmp_path / ".out.mkv.mprnet-parts"
+
+    def stop_at(frame: int) -> Callable[[int, int | None], None]:
+        def progress(done: int, total: int | None) -> None:
+            if done == frame:
+                raise KeyboardInterrupt
+        return progress
+
+    with pytest.raises(KeyboardInterrupt):  # 11 frames in the first 10 s: the 13th is in the second segment
+        restore_video(restorer, source, target, resume=True, progress=stop_at(13))
+    assert sorted(p.name for p in parts.iterdir()) == ["000000.mkv", "manifest.json"] and not target.exists()
+    other = Restorer.from_checkpoint(TINY_CHECKPOINT, precision="fp32", device="cpu", tile_overlap=16)
+    with pytest.raises(KeyboardInterrupt):
+        restore_video(other, source, target, resume=True, progress=stop_at(13))
+    assert f"{source}: the segments in {parts} were made by another command" in caplog.text
+    caplog.clear()
+
+    summary = restore_video(other, source, target, resume=True)
+    assert caplog.messages == [f"{source}: resuming: 1 finished segment(s) kept from an earlier run"]
+    assert (summary.frames, summary.damaged) == (14, 0) and 11.87 < summary.duration < 12  # the last frame starts at 11.87 s
+    assert not parts.exists()
+    assert clip_facts(target)["pts"] == [stamp / 1000 for stamp in stamps]
+    assert abs(clip_facts(target)["audio_seconds"] - clip_facts(source)["audio_seconds"]) <= 1024 / AUDIO_RATE
+    wanted = expected_frames(restorer, source, "yuv420p")
+    decoded = _decoded(target)
+    assert len(decoded) == 14 and all(np.array_equal(a, b) for a, b in zip(decoded, wanted))
+
+
+def test_resume_needs_files(tmp_path: Path) -> None:
+    source = make_clip(tmp_path / "clip.mkv", frames=2, codec="ffv1")
+    result = restore(["-", "--ext", "mkv", "-o", "-", "--resume"], input=source.read_bytes())
+    assert (result.exit_code, result.stderr) == (2, "error: stdin: --resume needs a clip file in and a file out, not a pipe\n")

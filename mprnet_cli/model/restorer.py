@@ -348,17 +348,19 @@ class Restorer:
         return plan_tile_shape(height, width, pixels, self.tile_overlap)
 
     @contextlib.contextmanager
-    def same_tiles(self, height: int, width: int) -> Iterator[tuple[int, int] | None]:
-        """Restore every image of this size in the block with one tile shape, chosen now.
+    def same_tiles(self, height: int, width: int,
+                   shape: tuple[int, int] | None | str = "choose") -> Iterator[tuple[int, int] | None]:
+        """Restore every image of this size in the block with one tile shape, chosen now
+        (or `shape`, one chosen earlier: a resumed clip keeps the grid it started with).
 
         Auto tiling reads the free memory, which moves as a process runs; a sequence of
         frames cut by one grid keeps its seams still, where a grid that changed between
         frames would make them flicker. Yields the shape (None: whole images).
         """
-        shape = self.tile_shape_for(height, width)
-        self._held_shapes[(height, width)] = shape
+        held = self.tile_shape_for(height, width) if isinstance(shape, str) else shape
+        self._held_shapes[(height, width)] = held
         try:
-            yield shape
+            yield held
         finally:
             del self._held_shapes[(height, width)]
 
