@@ -29,6 +29,7 @@ from typer.testing import CliRunner
 from mprnet_cli.cli import app
 
 from .conftest import TINY_CHECKPOINT, write_image
+from .test_storage import bucket, s3_server  # noqa: F401 - the S3 server's fixtures
 
 ray = pytest.importorskip("ray", reason="the Ray tests need the extra: pip install 'mprnet[ray]'")
 
@@ -141,6 +142,29 @@ def test_a_batch_on_ray_writes_what_the_local_batch_writes_and_reports_the_same(
     rerun = _mprnet("deblur", str(source), "-r", "-o", str(tmp_path / "ray"), *WEIGHTS, "--ray")
     assert rerun.returncode == 0, rerun.stderr
     assert rerun.stderr.splitlines()[-1] == "nothing to do: every output exists (use --overwrite to redo them)"
+
+
+def test_a_bucket_to_a_bucket_on_ray_writes_what_the_local_batch_writes(bucket: str, tmp_path: Path) -> None:
+    """The workers read and write the store themselves, with the credentials of their
+    environment (here inherited from the driver that starts Ray)."""
+    from mprnet_cli import storage
+
+    from .test_storage import _local_folder, _objects, _upload
+
+    local = _local_folder(tmp_path / "in")
+    _upload(local, f"{bucket}/rainy")
+    (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    storage.write_bytes(f"{bucket}/rainy/broken.png", b"\x89PNG\r\n\x1a\n")
+    expected = runner.invoke(app, ["deblur", str(local), "-r", "-o", str(tmp_path / "out"), *WEIGHTS])
+    assert expected.exit_code == 1
+    result = _mprnet("deblur", f"{bucket}/rainy", "-r", "-o", f"{bucket}/clean", *WEIGHTS, "--ray")
+    assert result.returncode == 1, result.stderr
+    names = ["a.png", "b.jpg", "trip/c.png", "trip/day2/d.tif"]
+    assert _objects(f"{bucket}/clean") == [f"{bucket}/clean/{name}" for name in names]
+    for name in names:
+        assert storage.read_bytes(f"{bucket}/clean/{name}") == (tmp_path / "out" / name).read_bytes(), name
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: {bucket}/rainy/broken.png: truncated or corrupt image (its header is unreadable)"]
 
 
 def test_ctrl_c_cancels_the_job_and_leaves_no_partial_file(tmp_path: Path, head: Head) -> None:
