@@ -769,7 +769,6 @@ def restore_clip(restorer: Restorer, job: Job, encoding: Encoding, span: Span, r
                    duration=summary.duration)
 
 
-@contextlib.contextmanager
 def _resumable(job: Job) -> bool:
     """--resume keeps a clip's segments beside a local output, from a local input; a clip
     on an object store is restored in one pass (its local copies last only the run)."""
@@ -779,6 +778,7 @@ def _resumable(job: Job) -> bool:
     return True
 
 
+@contextlib.contextmanager
 def _clip_files(job: Job) -> Iterator[tuple[str | BinaryIO, str | BinaryIO]]:
     """Where a clip is read and written: standard input and output, local files, or for a
     store's objects local copies (a clip is decoded and muxed with seeks, which a store
