@@ -335,3 +335,9 @@ def test_a_clip_on_a_bucket_goes_through_a_local_copy(bucket: str, tmp_path: Pat
     expected_frames = list(read_frames(tmp_path / "clean.mkv"))
     assert len(frames) == 2
     assert all(pts == want_pts and np.array_equal(pixels, want) for (pts, pixels), (want_pts, want) in zip(frames, expected_frames))
+    # --resume keeps segments beside a local output only: a store's clip says so and runs in one pass.
+    again = runner.invoke(app, ["denoise", f"{bucket}/in", "-o", f"{bucket}/again", "--resume", *WEIGHTS])
+    assert again.exit_code == 0, again.stderr
+    assert again.stderr.startswith(f"warning: {bucket}/in/clip.mkv: on an object store, so restored in one pass "
+                                   "(--resume needs local files)\n")
+    assert storage.exists(f"{bucket}/again/clip.mkv")
