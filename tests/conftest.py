@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,13 @@ from PIL import Image
 DATA = Path(__file__).parent / "data"
 PARITY = DATA / "parity"
 TINY_CHECKPOINT = PARITY / "tiny_checkpoint.pth"
+
+
+def interruptible() -> None:
+    """`preexec_fn` of a child that a test sends SIGINT: a shell starts background jobs (a
+    test run with `&`) with SIGINT ignored, children inherit that, and Python then leaves
+    it ignored, as it should for a user's background job."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def pil_bytes(image: Image.Image, fmt: str = "PNG", **options: object) -> bytes:

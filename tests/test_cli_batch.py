@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from mprnet_cli.cli import app
 
 from . import hostile_corpus
-from .conftest import TINY_CHECKPOINT, write_image
+from .conftest import TINY_CHECKPOINT, interruptible, write_image
 
 runner = CliRunner()
 WEIGHTS = ["--weights", str(TINY_CHECKPOINT), "--device", "cpu"]
@@ -168,7 +168,8 @@ def test_interrupt_mid_batch_leaves_no_partial_file_and_a_rerun_completes(tmp_pa
     out = tmp_path / "out"
     command = [str(MPRNET), "deblur", str(source), "-o", str(out), *WEIGHTS]
     env = {**os.environ, "NO_COLOR": "1"}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                               preexec_fn=interruptible)
     deadline = time.monotonic() + 60
     while not (out.exists() and any(out.glob("*.png"))) and time.monotonic() < deadline:
         time.sleep(0.05)

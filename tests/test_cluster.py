@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 
 from mprnet_cli.cli import app
 
-from .conftest import TINY_CHECKPOINT, write_image
+from .conftest import TINY_CHECKPOINT, interruptible, write_image
 from .test_storage import bucket, s3_server  # noqa: F401 - the S3 server's fixtures
 
 ray = pytest.importorskip("ray", reason="the Ray tests need the extra: pip install 'mprnet[ray]'")
@@ -172,7 +172,8 @@ def test_ctrl_c_cancels_the_job_and_leaves_no_partial_file(tmp_path: Path, head:
     out = tmp_path / "out"
     process = subprocess.Popen([str(MPRNET), "deblur", str(source), "-o", str(out), *WEIGHTS, "--ray",
                                 "--ray-address", head.address],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(**head.env), text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(**head.env), text=True,
+                               preexec_fn=interruptible)
     assert process.stderr is not None
     lines = []
     for line in process.stderr:  # the first restored image's line

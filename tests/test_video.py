@@ -28,7 +28,7 @@ from mprnet_cli.model.restorer import Restorer
 from mprnet_cli.pipeline import Job, OutputNaming, plan_jobs
 from mprnet_cli.video import Encoding, Span, check_encoding, read_frames, restore_video
 
-from .conftest import TINY_CHECKPOINT, write_image
+from .conftest import TINY_CHECKPOINT, interruptible, write_image
 from .trained_model import CHECKPOINT as TRAINED
 
 av = pytest.importorskip("av", reason="video tests need PyAV: pip install 'mprnet[video]'")
@@ -427,7 +427,7 @@ def test_interrupt_leaves_no_partial_file(tmp_path: Path) -> None:
     target = tmp_path / "out" / "long.mkv"
     command = [str(MPRNET), "deblur", str(clip), "-o", str(target), *WEIGHTS]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               env={**os.environ, "NO_COLOR": "1"})
+                               env={**os.environ, "NO_COLOR": "1"}, preexec_fn=interruptible)
     deadline = time.monotonic() + 60
     while not list(target.parent.glob(".mprnet-*")) and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -516,7 +516,7 @@ def test_subtitles_are_copied_where_the_container_holds_them(tmp_path: Path, sou
 def _stop_when(command: list[str], sign: Path, how: signal.Signals) -> int:
     """Run `command`, send `how` as soon as `sign` exists; its exit status."""
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               env={**os.environ, "NO_COLOR": "1"})
+                               env={**os.environ, "NO_COLOR": "1"}, preexec_fn=interruptible)
     deadline = time.monotonic() + 120
     while not sign.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
