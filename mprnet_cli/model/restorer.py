@@ -98,7 +98,7 @@ def estimate_bytes_per_pixel(config: MPRNetConfig, dtype: torch.dtype, tlc: bool
     """
     element = torch.empty((), dtype=dtype).element_size()
     activations = ACTIVATION_COPIES * (config.orsnet_width + config.n_feat) * element
-    return activations + (TLC_BYTES_PER_CHANNEL[element] * config.orsnet_width if tlc else 0.0)
+    return activations + (TLC_BYTES_PER_CHANNEL * config.orsnet_width if tlc else 0.0)
 
 
 #: Full-resolution feature maps held at the peak RSS, per channel of (ORSNet + U-Net
@@ -109,12 +109,14 @@ def estimate_bytes_per_pixel(config: MPRNetConfig, dtype: torch.dtype, tlc: bool
 #: back ahead of stage 3, which lowers the peak: a bound now rather than a fit.
 ACTIVATION_COPIES = 12.0
 
-#: TLC's extra peak memory per input pixel and ORSNet channel, by element size: a stage-3
-#: attention's sums down the columns (fp32, the map's width by its rows less the window's)
-#: and its gate's rows (the model's dtype) beside the features. Measured with
-#: benchmarks/memory.py --case tlc, with windows for 8-pixel crops, so that every map keeps
-#: nearly all its rows (TLC's most); see docs/quality.md.
-TLC_BYTES_PER_CHANNEL = {4: 0.0, 2: 0.0}
+#: TLC's extra peak memory per input pixel and ORSNet channel. Its buffers (a stage-3
+#: attention's sums down the columns in fp32, nearly the map's size for small windows, and
+#: its gate's rows) live inside one attention only, and on the CPU they land in memory the
+#: heap already holds from the convolutions, so the peak hardly moves: benchmarks/memory.py
+#: --case tlc, windows for 8-pixel crops (the most TLC keeps), measured +31 (bf16) and +42
+#: (fp32) B/pixel at 1024x1024 for derain's 56 channels, and nothing beyond the noise (-742
+#: and -212) at 512x512. Rounded up; see docs/quality.md.
+TLC_BYTES_PER_CHANNEL = 1.0
 
 #: `ensemble`'s choices, and its transforms as (flip left-right, quarter turns), in the
 #: order they are taken: 2 adds the mirror image, 4 is the four rotations (as MIMO-UNet's
