@@ -113,9 +113,9 @@ ACTIVATION_COPIES = 12.0
 #: attention's sums down the columns in fp32, nearly the map's size for small windows, and
 #: its gate's rows) live inside one attention only, and on the CPU they land in memory the
 #: heap already holds from the convolutions, so the peak hardly moves: benchmarks/memory.py
-#: --case tlc, windows for 8-pixel crops (the most TLC keeps), measured +31 (bf16) and +42
-#: (fp32) B/pixel at 1024x1024 for derain's 56 channels, and nothing beyond the noise (-742
-#: and -212) at 512x512. Rounded up; see docs/quality.md.
+#: --case tlc, windows for 8-pixel crops (the most TLC keeps), measured +31 and +39 B/pixel
+#: in bf16 and +42 and -193 in fp32 at 1024x1024 for derain's 56 channels, and nothing
+#: beyond the noise (-212, -742) at 512x512. Rounded up; see docs/quality.md.
 TLC_BYTES_PER_CHANNEL = 1.0
 
 #: `ensemble`'s choices, and its transforms as (flip left-right, quarter turns), in the
