@@ -300,7 +300,7 @@ def test_running_sums_and_totals_in_blocks_equal_cumsum_and_sum(count: int, dim:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("gate_size", [(1, 1), (5, 7), (1, 7), (13, 7), (5, 11), (13, 11)])
+@pytest.mark.parametrize("gate_size", [(1, 1), (5, 7), (1, 7), (13, 7), (5, 11), (13, 11), (5, 1), (13, 1)])
 def test_gating_replicates_a_smaller_gate_as_the_border_rule_says(gate_size: tuple[int, int], dtype: torch.dtype) -> None:
     """In bands (inference) or from the replicated gate (autograd), the same product."""
     torch.manual_seed(0)
