@@ -260,21 +260,30 @@ def _box_sums(x: Tensor, length: int, dim: int, dtype: torch.dtype) -> Tensor:
         later = running.narrow(dim, length, size - length) - running.narrow(dim, 0, size - length)
         return torch.cat([running.narrow(dim, length - 1, 1), later], dim=dim)
     sums = _empty_in_layout_of(x, x.shape[:dim] + (count,) + x.shape[dim + 1:], dtype)
-    first, steps = sums.narrow(dim, 0, 1), sums.narrow(dim, 1, count - 1)
-    _add_up_slices(x.narrow(dim, 0, length), dim, out=first)
-    steps.copy_(x.narrow(dim, length, count - 1)).sub_(x.narrow(dim, 0, count - 1))
-    _running_sums_(steps, dim)
-    steps.add_(first)
+    _add_up_slices(x.narrow(dim, 0, length), dim, out=sums.narrow(dim, 0, 1))
+    entering, leaving = x.narrow(dim, length, count - 1), x.narrow(dim, 0, count - 1)
+    steps = sums.narrow(dim, 1, count - 1)
+    if x.dtype == dtype:
+        torch.sub(entering, leaving, out=steps)
+    else:  # a bf16 difference cast to fp32 would be rounded: the slices are cast first
+        steps.copy_(entering).sub_(leaving)
+    _running_sums_(sums, dim)  # the first sum, then each difference added on
     return sums
+
+
+#: The most memory `_add_up_slices` adds into, about a core's share of the cache nearest it.
+ACCUMULATOR_BYTES = 1 << 20
 
 
 def _add_up_slices(x: Tensor, dim: int, out: Tensor) -> None:
     """Write the sum of `x`'s slices along `dim` into `out` (one slice thick, its dtype the
     accumulator's): runs of about sqrt(n) slices added onto the first run, whole runs at a
     time, then the run's slices added up; about 2 sqrt(n) operations where one a slice took
-    n, and only the run is ever in the accumulator's dtype."""
+    n. The run is at most `ACCUMULATOR_BYTES`, so that it stays in cache while every run is
+    added onto it (384 rows of a 512x512 map of 56 channels in bf16: 2.8 ms in runs of 20
+    rows, 2.3 MB, and 2.5 ms in runs of 8; of 128 channels, 5.7 and 4.5 ms)."""
     count = x.shape[dim]
-    run = _ceil_sqrt(count)
+    run = max(1, min(_ceil_sqrt(count), ACCUMULATOR_BYTES // (out.numel() * out.element_size())))
     total = _empty_in_layout_of(x, x.shape[:dim] + (run,) + x.shape[dim + 1:], out.dtype)
     total.copy_(x.narrow(dim, 0, run))
     whole_runs = count // run
