@@ -283,11 +283,14 @@ def test_local_means_equal_direct_pooling_on_odd_sizes(window: tuple[int, int], 
         torch.testing.assert_close(ours, _direct_local_mean(x, window), atol=tolerance, rtol=0)
 
 
+@pytest.mark.parametrize("accumulator_bytes", [1 << 20, 400, 1])  # runs of sqrt(n), of 2 slices (192 bytes each), of 1
 @pytest.mark.parametrize("count", [1, 2, 3, 8, 9, 10, 17, 30])
 @pytest.mark.parametrize("dim", [2, 3])
-def test_running_sums_and_totals_in_blocks_equal_cumsum_and_sum(count: int, dim: int) -> None:
+def test_running_sums_and_totals_in_blocks_equal_cumsum_and_sum(count: int, dim: int, accumulator_bytes: int,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Every split into blocks and runs, with some left over or none, along either axis."""
-    shape = [2, 3, 5, 4]
+    monkeypatch.setattr(network, "ACCUMULATOR_BYTES", accumulator_bytes)
+    shape = [2, 3, 4, 4]
     shape[dim] = count
     x = torch.rand(shape, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
