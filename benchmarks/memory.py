@@ -14,6 +14,10 @@ Cases:
   the 12-megapixel need is extrapolated from those two instead of exhausting the machine).
 - per-pixel: whole-image forwards at 512x512 for each published width in fp32 and bf16,
   the measurement behind `estimate_bytes_per_pixel` in mprnet_cli/model/restorer.py.
+- tlc: whole-image derain forwards at 512x512 and 1024x1024 in fp32 and bf16, with and
+  without TLC, the measurement behind its term (`TLC_BYTES_PER_CHANNEL`) in the same
+  estimate. TLC runs with windows for 8-pixel crops, which keep nearly every row and
+  column of each map: the most memory TLC takes at any size.
 """
 
 from __future__ import annotations
@@ -26,22 +30,30 @@ import sys
 import time
 
 GIB = 1024**3
+SIZE_MULTIPLE = 8  # mprnet_cli.model.network's, without importing torch here
 
-#: name -> (width preset or "tiny", height, width, tile: None auto / 0 whole / N, precision)
+#: name -> (width preset or "tiny", height, width, tile: None auto / 0 whole / N, precision,
+#: TLC train size or None)
 RUNS = {
-    "derain-24mp": ("derain", 4000, 6000, None, "auto"),
-    "tiny-12mp-tiled": ("tiny", 3000, 4000, 512, "fp32"),
-    "tiny-1mp-whole": ("tiny", 750, 1000, 0, "fp32"),
-    "tiny-3mp-whole": ("tiny", 1500, 2000, 0, "fp32"),
+    "derain-24mp": ("derain", 4000, 6000, None, "auto", None),
+    "tiny-12mp-tiled": ("tiny", 3000, 4000, 512, "fp32", None),
+    "tiny-1mp-whole": ("tiny", 750, 1000, 0, "fp32", None),
+    "tiny-3mp-whole": ("tiny", 1500, 2000, 0, "fp32", None),
 }
 CASES = {
     "derain-24mp": ["derain-24mp"],
     "tiny-12mp": ["tiny-12mp-tiled", "tiny-1mp-whole", "tiny-3mp-whole"],
     "per-pixel": [f"{task}-512-{precision}" for task in ("derain", "denoise", "deblur") for precision in ("fp32", "bf16")],
+    "tlc": [f"derain-{side}-{precision}{tlc}" for precision in ("fp32", "bf16") for side in (512, 1024)
+            for tlc in ("", "-tlc")],
 }
 for _task in ("derain", "denoise", "deblur"):
     for _precision in ("fp32", "bf16"):
-        RUNS[f"{_task}-512-{_precision}"] = (_task, 512, 512, 0, _precision)
+        RUNS[f"{_task}-512-{_precision}"] = (_task, 512, 512, 0, _precision, None)
+for _precision in ("fp32", "bf16"):
+    for _side in (512, 1024):
+        RUNS.setdefault(f"derain-{_side}-{_precision}", ("derain", _side, _side, 0, _precision, None))
+        RUNS[f"derain-{_side}-{_precision}-tlc"] = ("derain", _side, _side, 0, _precision, SIZE_MULTIPLE)
 
 
 def _peak_rss() -> int:
@@ -62,10 +74,10 @@ def run_one(name: str) -> dict[str, object]:
     from mprnet_cli.model.network import MPRNet
     from mprnet_cli.model.restorer import Restorer
 
-    preset, height, width, tile, precision = RUNS[name]
+    preset, height, width, tile, precision, tlc_train_size = RUNS[name]
     torch.manual_seed(0)
     config = MPRNetConfig(n_feat=16, scale_unetfeats=8, scale_orsnetfeats=8) if preset == "tiny" else TASK_CONFIGS[preset]
-    restorer = Restorer(MPRNet(config), device="cpu", precision=precision, tile=tile)
+    restorer = Restorer(MPRNet(config), device="cpu", precision=precision, tile=tile, tlc_train_size=tlc_train_size)
     rows = np.linspace(0, 255, height, dtype=np.float32)[:, None, None]
     cols = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
     image = ((rows + cols) / 2 + np.zeros(3, dtype=np.float32)).astype(np.uint8)
@@ -99,15 +111,20 @@ def main() -> None:
         print(json.dumps(run_one(arguments.worker)))
         return
     results = [measure(name) for case in arguments.case or list(CASES) for name in CASES[case]]
-    print(f"{'run':<18} {'pixels':>11} {'tile':>9} {'prec':>8} {'seconds':>8} {'peak RSS':>9} {'forward':>9} "
+    print(f"{'run':<22} {'pixels':>11} {'tile':>9} {'prec':>8} {'seconds':>8} {'peak RSS':>9} {'forward':>9} "
           f"{'B/px meas.':>10} {'B/px est.':>9}")
     for result in results:
         forward = result["peak_rss"] - result["rss_before"]
         measured = forward / result["pixels"] if result["tile"] == "whole" else float("nan")
-        print(f"{result['run']:<18} {result['pixels']:>11,} {result['tile']:>9} {result['precision']:>8} "
+        print(f"{result['run']:<22} {result['pixels']:>11,} {result['tile']:>9} {result['precision']:>8} "
               f"{result['seconds']:>8} {result['peak_rss'] / GIB:>8.2f}G {forward / GIB:>8.2f}G "
               f"{measured:>10.0f} {result['estimated_bytes_per_pixel']:>9.0f}")
     by_name = {result["run"]: result for result in results}
+    for name, result in by_name.items():
+        plain = by_name.get(name.removesuffix("-tlc"))
+        if name.endswith("-tlc") and plain is not None:
+            extra = (result["peak_rss"] - result["rss_before"] - plain["peak_rss"] + plain["rss_before"]) / result["pixels"]
+            print(f"{name}: TLC adds {extra:.0f} B/pixel")
     if {"tiny-1mp-whole", "tiny-3mp-whole", "tiny-12mp-tiled"} <= by_name.keys():
         small, large = by_name["tiny-1mp-whole"], by_name["tiny-3mp-whole"]
         slope = (large["peak_rss"] - small["peak_rss"]) / (large["pixels"] - small["pixels"])

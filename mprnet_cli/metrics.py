@@ -27,7 +27,6 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-import cv2
 import numpy as np
 
 #: SSIM's stabilising constants, as fractions of the dynamic range (Wang et al. 2004).
@@ -80,6 +79,11 @@ def gaussian_taps(taps: int = GAUSSIAN_TAPS, sigma: float = GAUSSIAN_SIGMA) -> n
 def _filter_planes(planes: np.ndarray, taps: np.ndarray) -> np.ndarray:
     """Separable filtering of HxW or HxWxC float64 along rows and columns, replicating the
     edges (MATLAB's 'replicate' padding; a 'valid' caller crops what the padding touched)."""
+    # Imported here, as in imageio: OpenCV reads its pixel limit from the environment once,
+    # as it loads, and `imageio.limit_decoders` sets it at the first decode, after this
+    # module is imported.
+    import cv2
+
     return cv2.sepFilter2D(planes, cv2.CV_64F, taps, taps, borderType=cv2.BORDER_REPLICATE)
 
 
@@ -134,6 +138,8 @@ def ssim_skimage(restored: np.ndarray, target: np.ndarray, dynamic_range: float 
     inner = (slice(crop, -crop), slice(crop, -crop))
 
     def blur(planes: np.ndarray) -> np.ndarray:
+        import cv2  # loaded late, as in `_filter_planes`
+
         # The crop below drops every pixel the border rule touches, so any rule will do.
         return cv2.blur(planes, (UNIFORM_TAPS, UNIFORM_TAPS), borderType=cv2.BORDER_REFLECT)
 

@@ -104,12 +104,36 @@ def test_tiles_replayed_from_a_cuda_graph_equal_eager_ones(caplog: pytest.LogCap
     assert "CUDA graph for (1, 3, 64, 64)" in caplog.text and "replayed: kept" in caplog.text
 
 
+def test_tlc_replayed_from_a_cuda_graph_equals_tlc_run_eagerly_and_on_the_cpu(caplog: pytest.LogCaptureFixture,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The windows are set around the capture as around an eager forward (train size 16:
+    windows smaller than the maps of 64x64 tiles), and the GPU's running sums (`cumsum`)
+    agree with the CPU's."""
+    monkeypatch.setattr(graphs, "KEEP_RATIO", float("inf"))  # kept however the timing falls
+    _, noisy = noisy_photo(200, 264)
+    options = {"precision": "fp32", "tile": 64, "tile_batch": 1, "tlc_train_size": 16}
+    eager = Restorer.from_checkpoint(CHECKPOINT, device="cuda", cuda_graphs=False, **options)
+    graphed = Restorer.from_checkpoint(CHECKPOINT, device="cuda", **options)
+    with caplog.at_level(logging.DEBUG, logger="mprnet"):
+        for image in (noisy, np.ascontiguousarray(noisy[::-1])):
+            np.testing.assert_allclose(graphed.restore(image), eager.restore(image), atol=1e-6, rtol=0)
+    assert "CUDA graph for (1, 3, 64, 64)" in caplog.text and "replayed: kept" in caplog.text
+    on_cpu = Restorer.from_checkpoint(CHECKPOINT, device="cpu", **options).restore(noisy)
+    np.testing.assert_allclose(eager.restore(noisy), on_cpu, atol=1e-5, rtol=0)
+    plain = Restorer.from_checkpoint(CHECKPOINT, device="cpu", precision="fp32", tile=64, tile_batch=1).restore(noisy)
+    assert np.abs(on_cpu - plain).max() > 5e-4  # 8e-4 on the CPU: TLC does change it
+
+
+@pytest.mark.parametrize("tlc_train_size", [None, 64])
 @pytest.mark.parametrize("precision", ["auto", "fp32"])
-def test_the_memory_probe_bounds_a_larger_forward(precision: str) -> None:
+def test_the_memory_probe_bounds_a_larger_forward(precision: str, tlc_train_size: int | None) -> None:
     """Auto tiling sizes tiles from a forward at 256x256: it must not under-estimate larger
-    ones, nor count the workspaces that cuDNN tries once per shape."""
+    ones, nor count the workspaces that cuDNN tries once per shape. With TLC too, whose
+    windows (96 pixels in stage 3 for train size 64) are smaller than the larger forward's
+    maps: the local means' buffers count."""
     torch.manual_seed(0)
-    restorer = Restorer(MPRNet(TASK_CONFIGS["derain"]), device="cuda", precision=precision, cuda_graphs=False)
+    restorer = Restorer(MPRNet(TASK_CONFIGS["derain"]), device="cuda", precision=precision, cuda_graphs=False,
+                        tlc_train_size=tlc_train_size)
     per_pixel = restorer.bytes_per_pixel()
     image = torch.rand(1, 3, 512, 768)
     restorer.restore_tensor(image)  # cuDNN's first call per shape tries its kernels' workspaces

@@ -7,6 +7,8 @@ import csv
 import io
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -231,3 +233,41 @@ def test_eight_bit_inputs_are_restored_in_the_precision_the_task_commands_use(
 
     auto, bf16, fp32 = scores("auto"), scores("bf16"), scores("fp32")
     assert auto == bf16 and auto != fp32
+
+
+@pytest.mark.parametrize("command", ["eval", "task"])
+def test_opencv_has_the_pixel_limit_in_eval_as_in_the_task_commands(command: str, tmp_path: Path) -> None:
+    """OpenCV reads its guard's limit once, as it loads (`imageio.limit_decoders`). In a
+    fresh process, the command decodes 16-bit PNGs (through OpenCV) under --max-pixels 1000;
+    then an image of 1600 pixels must be refused by OpenCV's own guard."""
+    import cv2
+
+    sixteen_bit = np.full((16, 20, 3), 40000, dtype=np.uint16)
+    for folder in ("restored", "targets"):
+        (tmp_path / folder).mkdir()
+        assert cv2.imwrite(str(tmp_path / folder / "a.png"), sixteen_bit)
+    arguments = (["eval", "deblur", "--restored", str(tmp_path / "restored"), "--target", str(tmp_path / "targets")]
+                 if command == "eval" else
+                 ["deblur", str(tmp_path / "restored" / "a.png"), "-o", str(tmp_path / "out.png"), "--weights",
+                  str(TINY_CHECKPOINT), "--precision", "fp32"])
+    script = (
+        "import sys\n"
+        "import numpy as np\n"
+        "from mprnet_cli.cli import main\n"
+        f"sys.argv = ['mprnet', *{arguments!r}, '--max-pixels', '1000', '-q']\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as exit_status:\n"
+        "    assert not exit_status.code, exit_status.code\n"
+        "import cv2\n"
+        "ok, png = cv2.imencode('.png', np.zeros((40, 40, 3), np.uint16))\n"
+        "try:\n"
+        "    cv2.imdecode(png, cv2.IMREAD_UNCHANGED)\n"
+        "    print('decoded')\n"
+        "except cv2.error as error:\n"
+        "    print('refused' if 'CV_IO_MAX_IMAGE_PIXELS' in str(error) else error)\n"
+    )
+    environment = {name: value for name, value in os.environ.items() if name != "OPENCV_IO_MAX_IMAGE_PIXELS"}
+    finished = subprocess.run([sys.executable, "-c", script], capture_output=True, env=environment, timeout=120)
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stdout.decode().splitlines()[-1] == "refused"

@@ -283,6 +283,40 @@ def test_local_means_equal_direct_pooling_on_odd_sizes(window: tuple[int, int], 
         torch.testing.assert_close(ours, _direct_local_mean(x, window), atol=tolerance, rtol=0)
 
 
+@pytest.mark.parametrize("accumulator_bytes", [1 << 20, 400, 1])  # runs of sqrt(n), of 2 slices (192 bytes each), of 1
+@pytest.mark.parametrize("count", [1, 2, 3, 8, 9, 10, 17, 30])
+@pytest.mark.parametrize("dim", [2, 3])
+def test_running_sums_and_totals_in_blocks_equal_cumsum_and_sum(count: int, dim: int, accumulator_bytes: int,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every split into blocks and runs, with some left over or none, along either axis."""
+    monkeypatch.setattr(network, "ACCUMULATOR_BYTES", accumulator_bytes)
+    shape = [2, 3, 4, 4]
+    shape[dim] = count
+    x = torch.rand(shape, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        running = x.clone()
+        network._running_sums_(running, dim)
+        total = torch.empty_like(x.narrow(dim, 0, 1))
+        network._add_up_slices(x, dim, out=total)
+    torch.testing.assert_close(running, x.cumsum(dim), atol=1e-12, rtol=0)
+    torch.testing.assert_close(total, x.sum(dim, keepdim=True), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gate_size", [(1, 1), (5, 7), (1, 7), (13, 7), (5, 11), (13, 11), (5, 1), (13, 1)])
+def test_gating_replicates_a_smaller_gate_as_the_border_rule_says(gate_size: tuple[int, int], dtype: torch.dtype) -> None:
+    """In bands (inference) or from the replicated gate (autograd), the same product."""
+    torch.manual_seed(0)
+    features, residual = (torch.randn(2, 6, 13, 11, dtype=dtype).contiguous(memory_format=torch.channels_last)
+                          for _ in range(2))
+    gate = torch.rand(2, 6, *gate_size, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    expected = torch.addcmul(residual, features, network.replicate_to(gate, 13, 11))
+    with torch.inference_mode():
+        banded = _gate_and_add(features.clone(), gate, residual)
+    assert torch.equal(banded, expected)
+    assert torch.equal(_gate_and_add(features.clone(), gate, residual), expected)
+
+
 def _pooled_local_mean(x: Tensor, window: tuple[int, int]) -> Tensor:
     """TLC's pooling by plain average pooling (each window summed afresh), in float64, then
     `_direct_local_mean`'s border rule: quicker than it, for whole networks."""
@@ -314,7 +348,7 @@ def test_local_gates_fused_on_the_cpu_equal_the_plain_ones(dtype: torch.dtype, t
             fused = attention(x)
         plain = attention(x)  # outside inference: the plain modules
     assert pooled.call_count == 2
-    assert fused.shape == plain.shape == (1, 16, 12, 20)
+    assert fused.shape == plain.shape == (1, 16, 8, 14)  # the windows inside the map
     torch.testing.assert_close(fused, plain.detach(), atol=tolerance, rtol=0)
 
 
@@ -365,8 +399,7 @@ def test_tlc_agrees_with_direct_pooling_in_every_path(precision: str, tile: int,
     image = np.random.default_rng(1).random((61, 45, 3), dtype=np.float32)
     restorer = Restorer(model, device="cpu", precision=precision, tile=tile, tile_overlap=8, tlc_train_size=16)
     fast = restorer.restore(image)
-    monkeypatch.setattr(network, "local_mean", _pooled_local_mean)
-    monkeypatch.setattr(network, "replicate_to", lambda x, height, width: x)
+    monkeypatch.setattr(network, "local_mean", _pooled_local_mean)  # full-size means: nothing left to replicate
     slow = restorer.restore(image)
     plain = Restorer(model, device="cpu", precision=precision, tile=tile, tile_overlap=8).restore(image)
     assert np.abs(fast - plain).max() > 2 * tolerance  # TLC does change this output
@@ -389,6 +422,24 @@ def test_tlc_trains_and_leaves_the_model_as_it_was() -> None:
     assert all(module.window is None for module in model.modules() if isinstance(module, network.ChannelAttention))
     torch.testing.assert_close(again, local.detach(), atol=1e-5, rtol=0)
     assert (plain - local.detach()).abs().max() > 1e-4
+
+
+def test_tlc_off_the_cpu_needs_no_values_to_plan_its_work() -> None:
+    """What a CUDA graph asks of it: the path of every device but the CPU (running sums by
+    `cumsum`, the gate applied in bands) runs on the meta device, which holds no values, so
+    a host sync (`.item()`, a tensor's truth) or a shape that depends on values fails there."""
+    model = _tiny_model()
+    model.tlc_windows(16)  # read off a CPU forward, as the Restorer does before any other
+    model = model.to("meta")
+    attentions = [module for module in model.modules() if isinstance(module, network.ChannelAttention)]
+    image = torch.empty(1, 3, 64, 48, device="meta").contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), model.local_attention(16), \
+            mock.patch.object(network, "local_mean", wraps=network.local_mean) as pooled, \
+            mock.patch.object(network, "_add_up_slices", wraps=network._add_up_slices) as cpu_only:
+        restored = model(image)[0]
+    assert restored.shape == (1, 3, 64, 48) and restored.device.type == "meta"
+    assert pooled.call_count == len(attentions) == 55  # every window smaller than its map
+    cpu_only.assert_not_called()
 
 
 def test_tlc_train_size_must_suit_the_network() -> None:

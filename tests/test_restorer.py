@@ -259,6 +259,18 @@ def test_auto_tile_shape_follows_the_memory_budget(monkeypatch: pytest.MonkeyPat
     assert restorer.tiles_per_batch((560, 976)) == 1
 
 
+def test_tlc_makes_auto_tiles_smaller_when_memory_is_tight(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its buffers count: a budget the plain forward exactly fits leaves TLC short."""
+    plain = Restorer(_identity_model(), device="cpu")
+    local = Restorer(_identity_model(), device="cpu", tlc_train_size=16)
+    assert (plain.bytes_per_pixel(), local.bytes_per_pixel()) == (960.0, 972.0)  # 12 ORSNet channels, 1 byte each
+    monkeypatch.setattr(restorer_module, "memory_budget", lambda device: 960.0 * 304 * 304)  # sides round up to 8s
+    assert plain.tile_shape_for(300, 300) is None
+    assert local.tile_shape_for(300, 300) == (168, 304)  # two tiles
+    monkeypatch.setattr(restorer_module, "memory_budget", lambda device: 972.0 * 304 * 304)
+    assert local.tile_shape_for(300, 300) is None
+
+
 def test_same_tiles_holds_one_shape_while_the_free_memory_moves(monkeypatch: pytest.MonkeyPatch) -> None:
     """A clip's frames keep one tile grid, so its seams stay still from frame to frame."""
     restorer = Restorer(_identity_model(), device="cpu")

@@ -87,16 +87,18 @@ PROBE_SAFETY = 1.25
 GRAPH_MEMORY_SHARE = 0.1
 
 
-def estimate_bytes_per_pixel(config: MPRNetConfig, dtype: torch.dtype) -> float:
+def estimate_bytes_per_pixel(config: MPRNetConfig, dtype: torch.dtype, tlc: bool = False) -> float:
     """Peak memory per input pixel of one forward on the CPU, from the widths.
 
     The peak sits in stage 3, where full-resolution features of the ORSNet width live
     alongside the stage-2 U-Net features; ACTIVATION_COPIES was measured with
     benchmarks/memory.py --case per-pixel (peak RSS minus the RSS before the forward,
-    over the pixels) and rounded up.
+    over the pixels) and rounded up. With `tlc`, an attention's local means add their
+    buffers on top (`TLC_BYTES_PER_CHANNEL`).
     """
     element = torch.empty((), dtype=dtype).element_size()
-    return ACTIVATION_COPIES * (config.orsnet_width + config.n_feat) * element
+    activations = ACTIVATION_COPIES * (config.orsnet_width + config.n_feat) * element
+    return activations + (TLC_BYTES_PER_CHANNEL * config.orsnet_width if tlc else 0.0)
 
 
 #: Full-resolution feature maps held at the peak RSS, per channel of (ORSNet + U-Net
@@ -106,6 +108,15 @@ def estimate_bytes_per_pixel(config: MPRNetConfig, dtype: torch.dtype) -> float:
 #: `mprnet_cli.devices.keep_freed_host_memory`). Measured before the freed pages were handed
 #: back ahead of stage 3, which lowers the peak: a bound now rather than a fit.
 ACTIVATION_COPIES = 12.0
+
+#: TLC's extra peak memory per input pixel and ORSNet channel. Its buffers (a stage-3
+#: attention's sums down the columns in fp32, nearly the map's size for small windows, and
+#: its gate's rows) live inside one attention only, and on the CPU they land in memory the
+#: heap already holds from the convolutions, so the peak hardly moves: benchmarks/memory.py
+#: --case tlc, windows for 8-pixel crops (the most TLC keeps), measured +31 and +39 B/pixel
+#: in bf16 and +42 and -193 in fp32 at 1024x1024 for derain's 56 channels, and nothing
+#: beyond the noise (-212, -742) at 512x512. Rounded up; see docs/quality.md.
+TLC_BYTES_PER_CHANNEL = 1.0
 
 #: `ensemble`'s choices, and its transforms as (flip left-right, quarter turns), in the
 #: order they are taken: 2 adds the mirror image, 4 is the four rotations (as MIMO-UNet's
@@ -384,18 +395,22 @@ class Restorer:
             if self.device.type == "cuda":
                 self._bytes_per_pixel = self._measure_cuda_bytes_per_pixel()
             else:
-                self._bytes_per_pixel = estimate_bytes_per_pixel(self.model.config, self.dtype)
+                self._bytes_per_pixel = estimate_bytes_per_pixel(self.model.config, self.dtype,
+                                                                 tlc=self.tlc_train_size is not None)
         return self._bytes_per_pixel
 
     def _measure_cuda_bytes_per_pixel(self) -> float:
         """Measured on a second forward: on the first of each shape cuDNN tries its kernels
         with whatever workspace they ask for, and keeps only the one it picks (a deblur
         forward at 512x512 in fp32 on an H100 peaked at 19.9 GB the first time, 1.1 GB the
-        second)."""
+        second). With TLC, the probe runs with windows for 8-pixel crops: at 256 pixels the
+        train size's windows would cover the maps, and these keep nearly all of every map,
+        TLC's most memory."""
         side = 256
         probe = torch.zeros(1, 3, side, side, device=self.device, dtype=self.dtype)
         probe = probe.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), self.cudnn_settings():  # eager: a graph would keep the memory
+        attention = self.model.local_attention(SIZE_MULTIPLE if self.tlc_train_size is not None else None)
+        with torch.inference_mode(), self.cudnn_settings(), attention:  # eager: a graph would keep the memory
             self.model(probe)
             _release_cached_memory(self.device)  # the trials' memory, which free memory would count as used
             torch.cuda.synchronize(self.device)
