@@ -281,6 +281,7 @@ def test_work_lands_on_every_node_and_only_the_driver_fetches_the_checkpoint(
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "node-cache"))
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    environment = dict(os.environ)  # Ray's driver sets variables of its own, for later tests' children too
     nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
     try:
         for _ in range(2):
@@ -301,6 +302,8 @@ def test_work_lands_on_every_node_and_only_the_driver_fetches_the_checkpoint(
     finally:
         ray.shutdown()
         nodes.shutdown()
+        os.environ.clear()
+        os.environ.update(environment)
     assert [outcome.error for outcome in outcomes] == [None] * 8
     assert len(node_ids) == 3
     assert {outcome.node for outcome in outcomes} == node_ids
