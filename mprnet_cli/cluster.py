@@ -88,7 +88,8 @@ def import_ray() -> Any:
     return ray
 
 
-def file_digest(data: bytes) -> str:
+def _sha256(data: bytes) -> str:
+    """Of the checkpoint's bytes as shipped (weights.file_sha256 hashes a file)."""
     return hashlib.sha256(data).hexdigest()
 
 
@@ -118,7 +119,7 @@ class RestoreWorker:
         # Ray pins a CPU actor's thread pools to the CPUs it reserved, which leaves one
         # of them to reading and writing; the network should use them all, as it does locally.
         torch.set_num_threads(os.cpu_count() or 1)
-        if file_digest(data) != settings.digest:
+        if _sha256(data) != settings.digest:
             raise errors.CheckpointError(f"{settings.checkpoint_name}: the checkpoint arrived damaged "
                                          f"(sha256 differs from the driver's {settings.digest[:12]})")
         with tempfile.TemporaryDirectory(prefix="mprnet-checkpoint-") as folder:
@@ -207,7 +208,7 @@ def _run(ray: Any, jobs: list[Job], checkpoint: Path, settings: WorkerSettings, 
     done: set[int] = set()
     try:
         data = checkpoint.read_bytes()
-        settings = dataclasses.replace(settings, checkpoint_name=checkpoint.name, digest=file_digest(data))
+        settings = dataclasses.replace(settings, checkpoint_name=checkpoint.name, digest=_sha256(data))
         reference = ray.put(data)
         del data
         dataset = _pipeline(ray, jobs, [reference], settings, options.workers)
