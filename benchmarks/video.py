@@ -3,8 +3,9 @@ network is busy: whether decoding, colour conversion, encoding and muxing hide b
 
 A synthetic clip (moving waves plus noise, H.264 in MP4 with AAC sound, BT.709) is made
 first, then restored with the task's published width and seeded random weights (speed
-does not depend on their values). Busy share = time inside `Restorer.restore_array`
-over the wall time from the first frame decoded to the file closed.
+does not depend on their values). Busy share = time inside the restorer
+(`VideoSummary.compute_seconds`) over the wall time from the first frame decoded to the
+file closed.
 
 On this 2-core CPU a 1080p derain frame takes about half a minute, so the default is 8
 frames: enough for the pipeline to reach its steady state (two queues of 4), short

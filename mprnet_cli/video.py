@@ -813,31 +813,53 @@ class _Sink(Protocol):
 def _restore_frames(restorer: Restorer, reader: _Reader, source: _Source, sink: _Sink,
                     progress: FrameProgress | None, tiles: tuple[int, int] | None | str = "choose") -> float:
     """The network loop between reader and `sink`, for the frames the sink wants; the compute seconds.
-    `tiles` holds a tile shape chosen earlier (by a run being resumed) rather than choosing one now."""
+    `tiles` holds a tile shape chosen earlier (by a run being resumed) rather than choosing one now.
+
+    On a GPU with room for several whole frames, that many go through each forward (read
+    ahead from the reader's queue); everything reaches the sink in the reader's order."""
+    compute = 0.0
+    done = 0
+    pending: list[object] = []  # items read but not yet handed on, wanted frames among them
+    wanted: list[_Frame] = []
+
+    def hand_on() -> None:
+        nonlocal compute, done
+        if wanted:
+            computing = time.perf_counter()
+            for frame, pixels in zip(wanted, restorer.restore_frames([frame.pixels for frame in wanted])):
+                frame.pixels = pixels
+            compute += time.perf_counter() - computing
+        for item in pending:
+            if isinstance(item, _Frame):
+                done += 1
+                if progress is not None:
+                    progress(done, source.total)
+            sink.put(item)
+        pending.clear()
+        wanted.clear()
+
     try:
         reader.start()
-        compute = 0.0
-        done = 0
         if progress is not None:
             progress(0, source.total)
         # Deep colour runs on the restorer's fp32 twin under precision auto: hold its tiles.
         restorer = restorer.restorer_for(np.dtype(np.uint16 if source.deep else np.uint8))
         with restorer.same_tiles(source.height, source.width, tiles):
+            per_forward = restorer.frames_per_forward(source.height, source.width)
             while True:
                 item = reader.items.get()
                 if isinstance(item, MprnetError):
                     raise item
                 if isinstance(item, _End):
+                    hand_on()
                     break
-                if isinstance(item, _Frame):
-                    if sink.wants(item.pts):
-                        computing = time.perf_counter()
-                        item.pixels = restorer.restore_array(item.pixels)
-                        compute += time.perf_counter() - computing
-                    done += 1
-                    if progress is not None:
-                        progress(done, source.total)
-                sink.put(item)
+                pending.append(item)
+                if isinstance(item, _Frame) and sink.wants(item.pts):
+                    wanted.append(item)
+                if len(wanted) >= per_forward or not wanted:
+                    hand_on()
+                    if per_forward > 1:  # free memory moves: read again for the next batch
+                        per_forward = restorer.frames_per_forward(source.height, source.width)
         sink.finish()
     except BaseException:
         sink.abort()

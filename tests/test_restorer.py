@@ -294,6 +294,41 @@ def test_auto_tiles_per_batch_on_cuda_fill_the_free_memory(monkeypatch: pytest.M
     assert restorer.tile_shape_for(1080, 1920) is None  # no CPU latency cap on a GPU: 6.5 MP fit
 
 
+def test_frames_per_forward_fill_a_gpu_and_stay_one_on_the_cpu_or_when_tiled(monkeypatch: pytest.MonkeyPatch) -> None:
+    restorer = Restorer(_identity_model(), device="cpu")
+    assert restorer.frames_per_forward(64, 48) == 1
+    restorer.device = torch.device("cuda")
+    restorer._bytes_per_pixel = 1000.0
+    monkeypatch.setattr(restorer_module, "memory_budget", lambda device: 1000.0 * 1080 * 1920 * 3.5)
+    assert restorer.frames_per_forward(1080, 1920) == 3  # 1080 rounds up to 1088: 3 fit, not 3.5
+    monkeypatch.setattr(restorer_module, "memory_budget", lambda device: 1000.0 * 1080 * 1920 * 0.9)
+    assert restorer.frames_per_forward(1080, 1920) == 1  # tiled: one frame's tiles fill each forward
+    assert Restorer(_identity_model(), device="cpu", tile=64, tile_batch=4).frames_per_forward(128, 128) == 1
+
+
+def test_frames_in_one_forward_equal_frames_one_at_a_time(restorer: Restorer) -> None:
+    frames = list(np.random.default_rng(8).integers(0, 256, (5, 24, 40, 3), dtype=np.uint8))
+    batched = Restorer(restorer.model, device="cpu", tile_batch=5)
+    calls: list[int] = []
+    forward = batched._try_forward
+    batched._try_forward = lambda batch: calls.append(len(batch)) or forward(batch)  # type: ignore[method-assign]
+    restored = batched.restore_frames(frames)
+    assert calls == [5]
+    for got, frame in zip(restored, frames):
+        np.testing.assert_array_equal(got, restorer.restore_array(frame))
+
+
+def test_out_of_memory_splits_a_batch_of_frames() -> None:
+    frames = list(np.random.default_rng(9).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8))
+    restorer = Restorer(_identity_model(), device="cpu", tile_batch=5)
+    network = _RunsOutOfMemory(restorer.model, limit=2 * 32 * 32)
+    restorer.model = network
+    restored = restorer.restore_frames(frames)
+    assert [size[0] for size in network.sizes] == [5, 2, 3, 1, 2]
+    assert all(np.array_equal(got, frame) for got, frame in zip(restored, frames))
+    assert not network.retried_beside_a_failed_forward
+
+
 def test_freed_host_memory_is_released_before_stage_3_once_per_shape(monkeypatch: pytest.MonkeyPatch) -> None:
     model = _identity_model()
     stages: list[str] = []

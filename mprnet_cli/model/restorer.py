@@ -384,6 +384,26 @@ class Restorer:
         fits = int(self._pixels_that_fit() / (shape[0] * shape[1]))
         return max(1, min(MAX_TILE_BATCH, fits))
 
+    def frames_per_forward(self, height: int, width: int) -> int:
+        """How many whole frames of this size one forward takes: several on a GPU when
+        they run untiled and memory allows (as tiles are batched), else one."""
+        if self.tile_shape_for(height, width) is not None:
+            return 1
+        return self.tiles_per_batch((round_up(height), round_up(width)))
+
+    def restore_frames(self, frames: list[np.ndarray]) -> list[np.ndarray]:
+        """Frames of one size and dtype (HxWx3) in one forward, as `restore_array` restores
+        each; tiled frames go one at a time, and a batch the device has no room for is split."""
+        if len(frames) == 1 or self.tile_shape_for(*frames[0].shape[:2]) is not None:
+            return [self.restore_array(frame) for frame in frames]
+        with torch.inference_mode():
+            restored = self._try_forward(torch.cat([array_to_tensor(frame) for frame in frames]))
+            if restored is not None:
+                return [tensor_to_array(restored[index:index + 1], like=frame) for index, frame in enumerate(frames)]
+        half = len(frames) // 2
+        logger.debug("out of memory with %d frames per forward; retrying with %d", len(frames), half)
+        return self.restore_frames(frames[:half]) + self.restore_frames(frames[half:])
+
     def _pixels_that_fit(self) -> float:
         """Input pixels that one forward may take now, by the memory budget."""
         return memory_budget(self.device) / self.bytes_per_pixel()
