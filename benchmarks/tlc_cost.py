@@ -6,6 +6,9 @@ first of a shape builds oneDNN's kernels); the median of --rounds of each is rep
 
     python benchmarks/tlc_cost.py [--task derain] [--precision auto] [--rounds 3] [--sizes 512x512 1080x1920]
 
+`--tile auto` tiles as the command line does by default (on this CPU, tiles of at most
+0.25 MP), rather than running the whole image.
+
 Run it under the shared CPU lock (flock /tmp/mprnet-cpu.lock ...).
 """
 
@@ -29,12 +32,15 @@ def main() -> None:
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sizes", nargs="+", default=["512x512", "1080x1920"])
+    parser.add_argument("--tile", default="0", help="0: the whole image (default); auto; or a tile size")
     arguments = parser.parse_args()
     torch.manual_seed(0)
     model = MPRNet(TASK_CONFIGS[arguments.task])
-    plain = Restorer(model, device="cpu", precision=arguments.precision, tile=0)
-    local = Restorer(model, device="cpu", precision=arguments.precision, tile=0, tlc_train_size=256)
-    print(f"{arguments.task} widths, {str(plain.dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads")
+    tile = None if arguments.tile == "auto" else int(arguments.tile)
+    plain = Restorer(model, device="cpu", precision=arguments.precision, tile=tile)
+    local = Restorer(model, device="cpu", precision=arguments.precision, tile=tile, tlc_train_size=256)
+    print(f"{arguments.task} widths, {str(plain.dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads, "
+          f"tile {arguments.tile}")
     print(f"{'size':>10} {'plain s':>8} {'--tlc s':>8} {'overhead':>9}")
     for size in arguments.sizes:
         height, width = map(int, size.split("x"))
