@@ -858,8 +858,8 @@ def _restore_frames(restorer: Restorer, reader: _Reader, source: _Source, sink: 
                     wanted.append(item)
                 if len(wanted) >= per_forward or not wanted:
                     hand_on()
-                    if per_forward > 1:  # free memory moves: read again for the next batch
-                        per_forward = restorer.frames_per_forward(source.height, source.width)
+                    # Free memory moves: read again for the next batch (on the CPU, always 1).
+                    per_forward = restorer.frames_per_forward(source.height, source.width)
         sink.finish()
     except BaseException:
         sink.abort()
