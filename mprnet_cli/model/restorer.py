@@ -393,7 +393,12 @@ class Restorer:
 
     def restore_frames(self, frames: list[np.ndarray]) -> list[np.ndarray]:
         """Frames of one size and dtype (HxWx3) in one forward, as `restore_array` restores
-        each; tiled frames go one at a time, and a batch the device has no room for is split."""
+        each (deep frames under precision auto on the fp32 twin) up to float rounding, since
+        a batch may sum in another order; tiled frames go one at a time, and a batch the
+        device has no room for is split."""
+        restorer = self.restorer_for(frames[0].dtype)
+        if restorer is not self:
+            return restorer.restore_frames(frames)
         if len(frames) == 1 or self.tile_shape_for(*frames[0].shape[:2]) is not None:
             return [self.restore_array(frame) for frame in frames]
         with torch.inference_mode():
