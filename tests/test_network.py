@@ -352,6 +352,25 @@ def test_local_gates_fused_on_the_cpu_equal_the_plain_ones(dtype: torch.dtype, t
     torch.testing.assert_close(fused, plain.detach(), atol=tolerance, rtol=0)
 
 
+@pytest.mark.parametrize("inference", [True, False], ids=["inference", "autograd"])
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float64, 1e-12), (torch.float32, 1e-6), (torch.bfloat16, 2**-7)])
+def test_local_gates_are_the_gate_of_each_windows_mean(dtype: torch.dtype, tolerance: float, inference: bool) -> None:
+    """TLC's definition, whichever order the gate takes its steps in: `conv_du` on the mean
+    of `x` over each window that lies inside the map."""
+    if dtype == torch.bfloat16 and not cpu_has_native_bf16():
+        pytest.skip("oneDNN computes bf16 natively only on CPUs with bf16 instructions")
+    torch.manual_seed(0)
+    attention = network.ChannelAttention(16, 4, True).to(dtype=dtype, memory_format=torch.channels_last)
+    attention.window = (5, 7)
+    x = (torch.rand(2, 16, 12, 21, dtype=dtype) * 4 - 1).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(inference):
+        gate = attention(x)
+    means = F.avg_pool2d(x.double(), (5, 7), stride=1)  # every window inside the map, each summed afresh
+    expected = attention.double().conv_du(means)
+    assert gate.shape == expected.shape == (2, 16, 8, 15)
+    torch.testing.assert_close(gate.double(), expected.detach(), atol=tolerance, rtol=0)
+
+
 def _tiny_model() -> MPRNet:
     state = read_state_dict(TINY_CHECKPOINT)
     model = MPRNet(infer_config(state))

@@ -204,21 +204,23 @@ class ChannelAttention(nn.Module):
         height, width = x.shape[-2:]
         if self.window is None or (self.window[0] >= height and self.window[1] >= width):
             return self.conv_du(_spatial_mean(x))
-        # The gate's 1x1 convolutions act per pixel, so they run on the windows that lie
-        # inside the map, and the gate is replicated only where it is applied.
-        return self._local_gate(local_mean(x, self.window))
+        # The gate's first 1x1 convolution is linear, so it commutes with the mean: taken
+        # per pixel first, it leaves `reduction` times fewer channels to average (derain at
+        # 512x512, stage 3: 6 against 10 ms an attention). The rest of the gate acts per
+        # pixel too, so it runs on the windows that lie inside the map, and the gate is
+        # replicated only where it is applied.
+        down = self.conv_du[0]
+        return self._local_gate(local_mean(F.conv2d(x, down.weight, down.bias), self.window))
 
     def _local_gate(self, means: Tensor) -> Tensor:
-        """`conv_du` on a map of means. Where oneDNN computes it in inference, each 1x1
-        convolution takes its activation as a post-op: on a full-resolution map that saves
-        two passes (measured: 35 against 64 ms on a 465x465 map of 56 channels in bf16)."""
-        down, _, up, _ = self.conv_du
+        """The gate from the local means of `x` after `conv_du`'s first convolution. Where
+        oneDNN computes it in inference, the last 1x1 convolution takes the sigmoid as a
+        post-op, which saves a pass over the map of windows."""
+        _, activation, up, gate = self.conv_du
         if not (_eager_inference() and _onednn_computes(means)):
-            return self.conv_du(means)
-        hidden = torch.ops.mkldnn._convolution_pointwise(
-            means, down.weight, down.bias, [0, 0], [1, 1], [1, 1], 1, "relu", [], "")
+            return gate(up(activation(means)))
         return torch.ops.mkldnn._convolution_pointwise(
-            hidden, up.weight, up.bias, [0, 0], [1, 1], [1, 1], 1, "sigmoid", [], "")
+            means.relu_(), up.weight, up.bias, [0, 0], [1, 1], [1, 1], 1, "sigmoid", [], "")
 
 
 def local_mean(x: Tensor, window: tuple[int, int]) -> Tensor:
