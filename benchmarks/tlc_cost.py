@@ -2,7 +2,9 @@
 
 Weights do not change the time, so the published widths are built with random weights
 (no download). Plain and TLC forwards alternate, after one untimed forward of each (the
-first of a shape builds oneDNN's kernels); the median of --rounds of each is reported.
+first of a shape builds oneDNN's kernels); the median of --rounds of each is reported,
+in seconds of wall time and of the process's CPU time (both threads): other work on a
+shared machine stretches the first more than the second.
 
     python benchmarks/tlc_cost.py [--task derain] [--precision auto] [--rounds 3] [--sizes 512x512 1080x1920]
 
@@ -41,23 +43,26 @@ def main() -> None:
     local = Restorer(model, device="cpu", precision=arguments.precision, tile=tile, tlc_train_size=256)
     print(f"{arguments.task} widths, {str(plain.dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads, "
           f"tile {arguments.tile}")
-    print(f"{'size':>10} {'plain s':>8} {'--tlc s':>8} {'overhead':>9}")
+    print(f"{'size':>10} {'plain s':>8} {'--tlc s':>8} {'overhead':>9} {'CPU s: plain':>13} {'--tlc':>6} {'overhead':>9}")
     for size in arguments.sizes:
         height, width = map(int, size.split("x"))
         # 8-bit, as photos are: under precision auto, deeper images run in fp32.
         image = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
         times: dict[str, list[float]] = {"plain": [], "tlc": []}
+        cpu_times: dict[str, list[float]] = {"plain": [], "tlc": []}
         for restorer in (plain, local):
             restorer.restore(image)
         for _ in range(arguments.rounds):
             for name, restorer in (("plain", plain), ("tlc", local)):
-                started = time.perf_counter()
+                started, cpu_started = time.perf_counter(), time.process_time()
                 restorer.restore(image)
                 times[name].append(time.perf_counter() - started)
+                cpu_times[name].append(time.process_time() - cpu_started)
         base, tlc = statistics.median(times["plain"]), statistics.median(times["tlc"])
-        print(f"{size:>10} {base:>8.2f} {tlc:>8.2f} {100 * (tlc / base - 1):>+8.1f}%  "
-              f"(plain {', '.join(f'{t:.2f}' for t in times['plain'])}; tlc {', '.join(f'{t:.2f}' for t in times['tlc'])})",
-              flush=True)
+        cpu_base, cpu_tlc = statistics.median(cpu_times["plain"]), statistics.median(cpu_times["tlc"])
+        print(f"{size:>10} {base:>8.2f} {tlc:>8.2f} {100 * (tlc / base - 1):>+8.1f}% {cpu_base:>13.2f} {cpu_tlc:>6.2f} "
+              f"{100 * (cpu_tlc / cpu_base - 1):>+8.1f}%  (wall: plain {', '.join(f'{t:.2f}' for t in times['plain'])}; "
+              f"tlc {', '.join(f'{t:.2f}' for t in times['tlc'])})", flush=True)
 
 
 if __name__ == "__main__":
