@@ -1,10 +1,11 @@
 """The time --tlc adds to a forward, whole image, at 512x512 and 1080p.
 
 Weights do not change the time, so the published widths are built with random weights
-(no download). Plain and TLC forwards alternate, after one untimed forward of each (the
-first of a shape builds oneDNN's kernels); the median of --rounds of each is reported,
-in seconds of wall time and of the process's CPU time (both threads): other work on a
-shared machine stretches the first more than the second.
+(no download). Plain and TLC forwards alternate, each going first in every other round,
+after one untimed forward of each (the first of a shape builds oneDNN's kernels); the
+median of --rounds of each is reported, in seconds of wall time and of the process's CPU
+time (both threads): other work on a shared machine stretches the first more than the
+second.
 
     python benchmarks/tlc_cost.py [--task derain] [--precision auto] [--rounds 3] [--sizes 512x512 1080x1920]
 
@@ -52,8 +53,9 @@ def main() -> None:
         cpu_times: dict[str, list[float]] = {"plain": [], "tlc": []}
         for restorer in (plain, local):
             restorer.restore(image)
-        for _ in range(arguments.rounds):
-            for name, restorer in (("plain", plain), ("tlc", local)):
+        for index in range(arguments.rounds):
+            pair = (("plain", plain), ("tlc", local))
+            for name, restorer in pair[::-1] if index % 2 else pair:  # each goes first in every other round
                 started, cpu_started = time.perf_counter(), time.process_time()
                 restorer.restore(image)
                 times[name].append(time.perf_counter() - started)

@@ -1,8 +1,9 @@
 """Where a TLC forward's extra time goes: the seconds spent in each step of the channel
 attentions, summed over one whole-image forward, plain and with TLC.
 
-Each step (the means, the gate's convolutions, applying the gate) is wrapped in a timer;
-random weights of the published widths, an 8-bit image, as `tlc_cost.py`. One untimed
+Each step (the whole gate, the means, the gate's convolutions after them, applying the
+gate) is wrapped in a timer; with TLC, the gate's first convolution is the whole gate less
+the others. Random weights of the published widths, an 8-bit image, as `tlc_cost.py`. One untimed
 forward of each first, then plain and TLC alternately, --rounds times.
 
     python benchmarks/tlc_profile.py [--task derain] [--size 512x512] [--rounds 2]
@@ -48,6 +49,7 @@ def main() -> None:
     for name in STEPS:
         setattr(network, name, timed(name, getattr(network, name)))
     network.ChannelAttention._local_gate = timed("_local_gate", network.ChannelAttention._local_gate)
+    network.ChannelAttention.forward = timed("attention", network.ChannelAttention.forward)
     torch.manual_seed(0)
     model = network.MPRNet(TASK_CONFIGS[arguments.task])
     restorers = {"plain": Restorer(model, device="cpu", precision="auto", tile=0),
@@ -62,7 +64,7 @@ def main() -> None:
             started = time.perf_counter()
             restorer.restore(image)
             total = time.perf_counter() - started
-            steps = ", ".join(f"{step.strip('_')} {seconds[step]:.3f}" for step in (*STEPS, "_local_gate") if seconds[step])
+            steps = ", ".join(f"{step.strip('_')} {seconds[step]:.3f}" for step in ("attention", *STEPS, "_local_gate") if seconds[step])
             print(f"{arguments.task} {arguments.size} {name:>5}: {total:.2f} s; {steps}", flush=True)
 
 
