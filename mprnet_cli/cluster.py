@@ -203,7 +203,7 @@ def run_jobs(jobs: list[Job], checkpoint: Path, settings: WorkerSettings, option
 
 def _run(ray: Any, jobs: list[Job], checkpoint: Path, settings: WorkerSettings, options: ClusterOptions,
          ) -> Iterator[Outcome]:
-    started_here = _connect(ray, options.address)
+    connected_here = _connect(ray, options.address)
     began = time.time()
     done: set[int] = set()
     try:
@@ -224,14 +224,17 @@ def _run(ray: Any, jobs: list[Job], checkpoint: Path, settings: WorkerSettings, 
                     f"{job.source}: its worker died twice while restoring it (out of memory, or its node was lost)",
                     exit_code=1))
     finally:
-        if started_here:
+        # A driver left connected to a cluster goes on printing the scheduler's reports
+        # (each task cancelled with the run) on stdout, after the redirect above has ended.
+        if connected_here:
             ray.shutdown()
         _remove_partial_files([job for index, job in enumerate(jobs) if index not in done], began)
 
 
 def _connect(ray: Any, address: str | None) -> bool:
     """Join the cluster at `address` (or RAY_ADDRESS), or start Ray on this machine; True
-    when this process started it (and so must stop it)."""
+    when this call connected the process (and so must disconnect it, which also stops a Ray
+    it started), False when a caller's own `ray.init` already had, which is left as it is."""
     address = address or os.environ.get(ADDRESS_VARIABLE) or None
     debugging = logger.isEnabledFor(logging.DEBUG)
     if not debugging:
@@ -241,6 +244,7 @@ def _connect(ray: Any, address: str | None) -> bool:
             logging.getLogger(name).setLevel(logging.CRITICAL)
     if address is not None:
         _check_reachable(address)
+    connected_before = ray.is_initialized()
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=debugging, configure_logging=False,
                  ignore_reinit_error=True)
@@ -252,7 +256,7 @@ def _connect(ray: Any, address: str | None) -> bool:
     context.print_on_execution_start = False
     # A job that kills its worker twice is dropped, not the run: the driver reports it.
     context.max_errored_blocks = -1
-    return address is None
+    return not connected_before
 
 
 def _check_reachable(address: str) -> None:

@@ -297,7 +297,8 @@ def test_work_lands_on_every_node_and_only_the_driver_fetches_the_checkpoint(
             plan = pipeline.plan_jobs([str(_folder(tmp_path / "in", 12))], pipeline.OutputNaming("deblur", str(tmp_path / "out")))
             outcomes = list(ray_cluster.run_jobs(plan.jobs, checkpoint, ray_cluster.WorkerSettings("deblur"),
                                                  ray_cluster.ClusterOptions(nodes.address, workers=3)))
-            node_ids = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+            assert not ray.is_initialized()  # it joined the cluster, so it left it: a driver left behind prints on stdout
+            node_ids = {node.node_id for node in nodes.list_all_nodes()}
             downloads = hub.gets()
     finally:
         ray.shutdown()
@@ -343,6 +344,20 @@ def test_an_outcome_row_comes_back_as_the_same_outcome() -> None:
         assert type(back.error) is type(outcome.error)
         if outcome.error is not None:
             assert (back.error.message, back.error.exit_code) == (outcome.error.message, outcome.error.exit_code)
+
+
+def test_only_a_connection_the_run_made_is_closed_after_it() -> None:
+    """A Python caller's own `ray.init` stays connected; one the run made is its to close."""
+    from types import SimpleNamespace
+
+    from mprnet_cli.cluster import _connect
+
+    settings = SimpleNamespace(enable_progress_bars=True, print_on_execution_start=True, max_errored_blocks=0)
+    for connected_before in (True, False):
+        fake = SimpleNamespace(is_initialized=lambda: connected_before, init=lambda **options: None,
+                               data=SimpleNamespace(DataContext=SimpleNamespace(get_current=lambda: settings)))
+        assert _connect(fake, None) is not connected_before
+    assert settings.max_errored_blocks == -1
 
 
 def test_a_numbered_gpu_is_refused_since_each_worker_has_its_own(tmp_path: Path) -> None:
