@@ -856,10 +856,12 @@ def _restore_frames(restorer: Restorer, reader: _Reader, source: _Source, sink: 
                 pending.append(item)
                 if isinstance(item, _Frame) and sink.wants(item.pts):
                     wanted.append(item)
-                if len(wanted) >= per_forward or not wanted:
+                if len(wanted) >= per_forward:
                     hand_on()
                     # Free memory moves: read again for the next batch (on the CPU, always 1).
                     per_forward = restorer.frames_per_forward(source.height, source.width)
+                elif not wanted:  # sound, or a frame kept from a resumed run: nothing to wait for
+                    hand_on()
         sink.finish()
     except BaseException:
         sink.abort()
