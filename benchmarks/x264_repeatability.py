@@ -22,6 +22,8 @@ import sys
 import av
 import numpy as np
 
+from mprnet_cli.metrics import psnr
+
 PERTURB = (0, 1, 165, 77)
 #: (width, height) of the synthetic clips: moving waves plus seeded noise, 40 frames.
 SIZES = ((320, 240), (1280, 720))
@@ -53,10 +55,10 @@ def encode(frames: np.ndarray, params: str) -> bytes:
     return output.getvalue()
 
 
-def psnr(frames: np.ndarray, stream: bytes) -> float:
+def decoded_psnr(frames: np.ndarray, stream: bytes) -> float:
     with av.open(io.BytesIO(stream), format="h264") as container:
         decoded = np.stack([f.to_ndarray(format="yuv420p") for f in container.decode(video=0)])
-    return float(10 * np.log10(255 ** 2 / np.mean((decoded.astype(np.float64) - frames) ** 2)))
+    return psnr(decoded, frames, peak=255.0)
 
 
 def main() -> None:
@@ -75,7 +77,7 @@ def main() -> None:
                                       env={**os.environ, "MALLOC_PERTURB_": str(byte)}).stdout for byte in PERTURB]
             distinct = len({hashlib.sha256(s).digest() for s in streams})
             print(f"| {width}x{height} | {params or '(defaults)'} | {distinct} | {len(streams[0]):,} | "
-                  f"{psnr(frames, streams[0]):.2f} dB |")
+                  f"{decoded_psnr(frames, streams[0]):.2f} dB |")
 
 
 if __name__ == "__main__":
