@@ -13,6 +13,8 @@ round by round because shared machines drift:
 - eager (CUDA only): the default path with every forward run eagerly, no CUDA graphs,
   asked for by name only;
 - fp32: the same path in `--precision fp32`, the exact reference;
+- bf16: the same path in `--precision bf16`, asked for by name only: on a CPU without
+  bf16 instructions, what forcing it costs;
 - compiled: the default path with the network put through `torch.compile` (Inductor,
   weights frozen into the graph), asked for by name only: compiling takes 20 to 70 s
   here, shown as the first run. It is what a fixed-shape compiled fast path would gain;
@@ -63,9 +65,9 @@ from published import authors_forward
 
 #: TFLOP per megapixel, measured with torch's FLOP counter on 256x256 (shared/reference).
 TFLOP_PER_MEGAPIXEL = {"deblur": 23.2, "derain": 4.3, "denoise": 17.5}
-VARIANTS = ("published", "default", "fp32", "onnxruntime", "openvino", "compiled", "eager")
+VARIANTS = ("published", "default", "fp32", "bf16", "onnxruntime", "openvino", "compiled", "eager")
 #: Asked for by name only.
-ON_REQUEST = ("compiled", "eager")
+ON_REQUEST = ("bf16", "compiled", "eager")
 #: Other runtimes: their peak RSS is that of converting the model, so no forward share is shown.
 PEERS = ("onnxruntime", "openvino")
 
@@ -157,7 +159,7 @@ def run_worker(task: str, size: str, variant: str, repeats: int, device: str) ->
     elif variant == "openvino":
         run = _openvino(model, image)
     else:
-        run = _ours(model, image, "fp32" if variant == "fp32" else "auto", device, variant)
+        run = _ours(model, image, variant if variant in ("fp32", "bf16") else "auto", device, variant)
     cuda = device == "cuda"
     before = torch.cuda.memory_allocated() if cuda else current_rss()
     started = time.perf_counter()

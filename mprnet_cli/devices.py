@@ -54,6 +54,13 @@ def cpu_has_native_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def is_emulated(dtype: torch.dtype, device: torch.device) -> bool:
+    """True for bf16 on a CPU without bf16 instructions, where PyTorch converts to and from
+    fp32 around every operation: derain at 256x256 took 23.6 s there against 2.3 s in fp32
+    (an AVX2 EPYC, 2 cores; `benchmarks/speed.py --variants default bf16`)."""
+    return device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_native_bf16()
+
+
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     """`auto` is bf16 where the hardware computes it natively, fp32 (the exact reference) elsewhere."""
     name = name.strip().lower()

@@ -130,6 +130,18 @@ def test_a_warning_while_writing_names_the_output(tmp_path: Path) -> None:
     assert f"warning: {tmp_path / 'flat.jpg'}: JPEG cannot store transparency; the alpha channel is dropped" in result.stderr
 
 
+def test_bf16_on_a_cpu_without_it_is_one_warning_and_still_runs(photo: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("mprnet_cli.devices.cpu_has_native_bf16", lambda: False)
+    result = runner.invoke(app, ["denoise", str(photo), "-o", str(tmp_path / "out.png"), "--weights",
+                                 str(TINY_CHECKPOINT), "--precision", "bf16"])
+    assert result.exit_code == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0] == ("warning: this CPU has no bf16 instructions: bf16 runs emulated here, about 10 times slower "
+                        "than fp32 (precision auto picks fp32 here)")
+    assert len(lines) == 2 and lines[1].startswith(f"{photo} -> ")
+
+
 def test_stdin_to_stdout(photo: Path) -> None:
     result = runner.invoke(app, ["deblur", "-", "-o", "-", *WEIGHTS], input=photo.read_bytes())
     assert result.exit_code == 0, result.stderr

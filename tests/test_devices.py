@@ -70,6 +70,15 @@ def test_precision_auto_follows_the_hardware(monkeypatch: pytest.MonkeyPatch) ->
     assert devices.resolve_precision("auto", torch.device("mps")) == torch.float32
 
 
+def test_only_bf16_on_a_cpu_without_bf16_instructions_counts_as_emulated(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
+    assert devices.is_emulated(torch.bfloat16, cpu)
+    assert not devices.is_emulated(torch.float32, cpu) and not devices.is_emulated(torch.bfloat16, cuda)
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
+    assert not devices.is_emulated(torch.bfloat16, cpu)
+
+
 def test_explicit_precisions() -> None:
     cpu = torch.device("cpu")
     assert devices.resolve_precision("fp32", cpu) == torch.float32

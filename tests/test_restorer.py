@@ -450,6 +450,17 @@ def test_auto_runs_deep_images_in_fp32_and_eight_bit_ones_in_bf16(monkeypatch: p
         assert np.abs(got.astype(np.int64) - exact.restore(deep)).max() <= 1
 
 
+@pytest.mark.parametrize(("native", "precision", "warned"),
+                         [(False, "bf16", True), (True, "bf16", False), (False, "fp32", False), (False, "auto", False)])
+def test_bf16_asked_for_on_a_cpu_that_emulates_it_is_a_warning(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, native: bool, precision: str,
+        warned: bool) -> None:
+    monkeypatch.setattr("mprnet_cli.devices.cpu_has_native_bf16", lambda: native)
+    restorer = Restorer.from_checkpoint(TINY_CHECKPOINT, device="cpu", precision=precision)
+    assert restorer.dtype == (torch.bfloat16 if precision == "bf16" or (native and precision == "auto") else torch.float32)
+    assert ("this CPU has no bf16 instructions: bf16 runs emulated here" in caplog.text) is warned
+
+
 def test_the_fp32_twin_is_made_only_under_auto_and_only_when_needed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("mprnet_cli.devices.cpu_has_native_bf16", lambda: True)
     auto = Restorer.from_checkpoint(TINY_CHECKPOINT, device="cpu", precision="auto")

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mprnet_cli.devices import (
+    is_emulated,
     is_out_of_memory,
     keep_freed_host_memory,
     memory_budget,
@@ -189,6 +190,9 @@ class Restorer:
         self.tlc_train_size, self.ensemble = tlc_train_size, ensemble
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.dtype = resolve_precision(precision, self.device)
+        if is_emulated(self.dtype, self.device):
+            logger.warning("this CPU has no bf16 instructions: bf16 runs emulated here, about 10 times slower "
+                           "than fp32 (precision auto picks fp32 here)")
         # Under auto, deep images get an fp32 twin of this restorer; its model is copied
         # now, before the cast below rounds the weights, and moved to the device only if used.
         deep_in_fp32 = precision.strip().lower() == "auto" and self.dtype != torch.float32
