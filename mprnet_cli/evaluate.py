@@ -92,11 +92,12 @@ def plan_pairs(sources: str, targets: str, *, by_order: bool = False, what: str 
     recursively, hidden and non-image files left out, or single files).
 
     By relative path without the extension (`a/b.png` pairs with `a/b.jpg`), or with
-    `by_order`, the n-th of each sorted list. Every image must find its pair: a mean over
-    a silently smaller set would not be the dataset's score.
+    `by_order`, the n-th of each sorted list; two single files pair with each other, whatever
+    their names, as whoever named them meant. Every image must find its pair: a mean over a
+    silently smaller set would not be the dataset's score.
     """
     source_files, target_files = _images(sources, what), _images(targets, "target")
-    if by_order:
+    if by_order or (Path(sources).is_file() and Path(targets).is_file()):
         if len(source_files) != len(target_files):
             raise InputError(f"{len(source_files)} {what} images but {len(target_files)} targets: "
                              "pairing by order needs as many of each")

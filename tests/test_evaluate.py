@@ -74,6 +74,21 @@ def test_pairs_by_sorted_order(tmp_path: Path) -> None:
     assert [(p.source.name, p.target.name) for p in pairs] == [("x1.png", "norain-1.png"), ("x2.png", "norain-2.png")]
 
 
+def test_two_single_files_pair_whatever_their_names(folders: tuple[Path, Path]) -> None:
+    restored, targets = folders
+    pairs = evaluate.plan_pairs(str(restored / "a.png"), str(targets / "sub" / "b.bmp"))
+    assert [(p.name, p.source, p.target) for p in pairs] == [("a.png", restored / "a.png", targets / "sub" / "b.bmp")]
+
+
+def test_two_single_files_are_scored_from_the_command_line(folders: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    restored, targets = folders
+    code, out, err = _main(["deblur", "--restored", str(restored / "a.png"), "--target", str(targets / "sub" / "b.bmp")],
+                           monkeypatch, capsys)
+    assert code == 0, err
+    assert out.splitlines()[1:3] == ["images    1", f"PSNR      {20 * math.log10(255 / 3):.3f} dB"]
+
+
 def test_table_on_stdout_with_known_scores(folders: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     restored, targets = folders
