@@ -10,7 +10,9 @@ second.
     python benchmarks/tlc_cost.py [--task derain] [--precision auto] [--rounds 3] [--sizes 512x512 1080x1920]
 
 `--tile auto` tiles as the command line does by default (on this CPU, tiles of at most
-0.25 MP), rather than running the whole image.
+0.25 MP), rather than running the whole image. TLC runs through its compiled kernel where
+it builds (mprnet_cli/model/kernels.py; the first line says whether it did), and as tensor
+operations with MPRNET_TLC_KERNEL=0.
 
 Run it under the shared CPU lock (flock /tmp/mprnet-cpu.lock ...).
 """
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 
 from mprnet_cli import Restorer
+from mprnet_cli.model import kernels
 from mprnet_cli.model.config import TASK_CONFIGS
 from mprnet_cli.model.network import MPRNet
 
@@ -43,7 +46,7 @@ def main() -> None:
     plain = Restorer(model, device="cpu", precision=arguments.precision, tile=tile)
     local = Restorer(model, device="cpu", precision=arguments.precision, tile=tile, tlc_train_size=256)
     print(f"{arguments.task} widths, {str(plain.dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads, "
-          f"tile {arguments.tile}")
+          f"tile {arguments.tile}, TLC {'compiled kernel' if kernels.library() else 'tensor operations'}")
     print(f"{'size':>10} {'plain s':>8} {'--tlc s':>8} {'overhead':>9} {'CPU s: plain':>13} {'--tlc':>6} {'overhead':>9}")
     for size in arguments.sizes:
         height, width = map(int, size.split("x"))

@@ -1,9 +1,11 @@
 """Where a TLC forward's extra time goes: the seconds spent in each step of the channel
 attentions, summed over one whole-image forward, plain and with TLC.
 
-Each step (the whole gate, the means, the gate's convolutions after them, applying the
-gate) is wrapped in a timer; with TLC, the gate's first convolution is the whole gate less
-the others. Random weights of the published widths, an 8-bit image, as `tlc_cost.py`. One untimed
+Each step is wrapped in a timer: the attention's gate and its apply together, and inside
+them, for the tensor operations, the gate (with TLC its first convolution is the whole
+gate less the rest), the means, the gate's convolutions after them, applying the gate;
+with TLC's compiled kernel (mprnet_cli/model/kernels.py), the kernel, which takes the
+means, the gate and its apply in one pass. MPRNET_TLC_KERNEL=0 times the tensor operations. Random weights of the published widths, an 8-bit image, as `tlc_cost.py`. One untimed
 forward of each first, then plain and TLC alternately, --rounds times.
 
     python benchmarks/tlc_profile.py [--task derain] [--size 512x512] [--rounds 2]
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 
 from mprnet_cli import Restorer
-from mprnet_cli.model import network
+from mprnet_cli.model import kernels, network
 from mprnet_cli.model.config import TASK_CONFIGS
 
 STEPS = ("_spatial_mean", "local_mean", "_gate_and_add")
@@ -50,6 +52,8 @@ def main() -> None:
         setattr(network, name, timed(name, getattr(network, name)))
     network.ChannelAttention._local_gate = timed("_local_gate", network.ChannelAttention._local_gate)
     network.ChannelAttention.forward = timed("attention", network.ChannelAttention.forward)
+    network.ChannelAttention.gate_and_add = timed("gate_and_apply", network.ChannelAttention.gate_and_add)
+    kernels.local_gate_and_add = timed("kernel", kernels.local_gate_and_add)
     torch.manual_seed(0)
     model = network.MPRNet(TASK_CONFIGS[arguments.task])
     restorers = {"plain": Restorer(model, device="cpu", precision="auto", tile=0),
@@ -64,7 +68,8 @@ def main() -> None:
             started = time.perf_counter()
             restorer.restore(image)
             total = time.perf_counter() - started
-            steps = ", ".join(f"{step.strip('_')} {seconds[step]:.3f}" for step in ("attention", *STEPS, "_local_gate") if seconds[step])
+            steps = ", ".join(f"{step.strip('_')} {seconds[step]:.3f}" for step in ("gate_and_apply", "attention", *STEPS, "_local_gate", "kernel")
+                              if seconds[step])
             print(f"{arguments.task} {arguments.size} {name:>5}: {total:.2f} s; {steps}", flush=True)
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mprnet_cli.devices import cpu_has_native_bf16
+from mprnet_cli.model import kernels
 from mprnet_cli.model.config import MPRNetConfig
 
 #: Input height and width must be a multiple of this: two halvings inside the U-Nets,
@@ -212,6 +213,17 @@ class ChannelAttention(nn.Module):
         # replicated only where it is applied.
         return self._local_gate(local_mean(self.conv_du[0](x), self.window))
 
+    def gate_and_add(self, x: Tensor, residual: Tensor) -> Tensor:
+        """`x * self(x) + residual`, under the rule of `_grow`. With a local window, for CPU
+        inference where the compiled kernel takes the maps (`kernels.applies`), in one pass
+        that never writes the gate out: the means, the gate and its apply, a row at a time."""
+        height, width = x.shape[-2:]
+        if (self.window is not None and (self.window[0] < height or self.window[1] < width)
+                and _eager_inference() and kernels.applies(x, residual)):
+            reduced = self.conv_du[0](x).contiguous(memory_format=torch.channels_last)
+            return kernels.local_gate_and_add(x, residual, reduced, self.conv_du[2], self.window)
+        return _gate_and_add(x, self(x), residual)
+
     def _local_gate(self, means: Tensor) -> Tensor:
         """The gate from the local means of `x` after `conv_du`'s first convolution. Where
         oneDNN computes it in inference, the last 1x1 convolution takes the sigmoid as a
@@ -393,7 +405,7 @@ class ChannelAttentionBlock(nn.Module):
     def finish(self, x: Tensor, hidden: Tensor) -> Tensor:
         """The block's output from `hidden`, its first convolution and PReLU already applied."""
         features = self.body[2](hidden)
-        return _gate_and_add(features, self.CA(features), x)
+        return self.CA.gate_and_add(features, x)
 
 
 def _blocks(count: int, channels: int, config: MPRNetConfig) -> nn.Sequential:
