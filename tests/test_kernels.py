@@ -151,3 +151,14 @@ def test_a_damaged_library_in_the_cache_is_rebuilt(counted_builds: Callable[[], 
     target.write_bytes(b"not a library")  # as a full disk or a crashed copy might leave it
     assert kernels.library() is not None and counted_builds() == 1
     assert [path.name for path in kernels.cache_dir().iterdir()] == [target.name]
+
+
+@pytest.mark.usefixtures("fresh_build")
+def test_a_cache_that_cannot_be_written_is_a_fallback(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
+    _fallback_is_logged(caplog, "could not be built or loaded")
