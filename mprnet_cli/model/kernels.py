@@ -70,7 +70,7 @@ def library() -> ctypes.CDLL | None:
         if target.exists():
             try:
                 return _load(target)
-            except (OSError, AttributeError) as error:  # a library left by another build: replaced
+            except (OSError, AttributeError) as error:  # damaged (a crash mid-copy, a full disk): rebuilt
                 logger.debug("rebuilding TLC's kernel: %s", error)
         _build(compiler, target)
         return _load(target)
