@@ -7,9 +7,9 @@ convolution, its sigmoid and the dearer apply alone (docs/quality.md). `tlc_kern
 takes the means, the gate and the apply a gate row at a time, in cache.
 
 The source ships with the package and is compiled on first use with the machine's C
-compiler (`$CC`, else `cc`) for the machine's own vector instructions, into the user's
-cache; where there is no compiler, or it fails, TLC runs as whole-tensor operations, as
-before, to the same results (to rounding).
+compiler (`$CC`, else `cc`) for the machine's own vector instructions, with OpenMP, into
+the user's cache; where there is no compiler, or it fails, TLC runs as the whole-tensor
+operations of `network` instead, to the same results but for rounding.
 """
 
 from __future__ import annotations
