@@ -5,8 +5,9 @@ Each step is wrapped in a timer: the attention's gate and its apply together, an
 them, for the tensor operations, the gate (with TLC its first convolution is the whole
 gate less the rest), the means, the gate's convolutions after them, applying the gate;
 with TLC's compiled kernel (mprnet_cli/model/kernels.py), the kernel, which takes the
-means, the gate and its apply in one pass. MPRNET_TLC_KERNEL=0 times the tensor operations. Random weights of the published widths, an 8-bit image, as `tlc_cost.py`. One untimed
-forward of each first, then plain and TLC alternately, --rounds times.
+means, the gate and its apply in one pass. MPRNET_TLC_KERNEL=0 times the tensor
+operations. Random weights of the published widths, an 8-bit image, as `tlc_cost.py`. One
+untimed forward of each first, then plain and TLC alternately, --rounds times.
 
     python benchmarks/tlc_profile.py [--task derain] [--size 512x512] [--rounds 2]
 
@@ -68,8 +69,8 @@ def main() -> None:
             started = time.perf_counter()
             restorer.restore(image)
             total = time.perf_counter() - started
-            steps = ", ".join(f"{step.strip('_')} {seconds[step]:.3f}" for step in ("gate_and_apply", "attention", *STEPS, "_local_gate", "kernel")
-                              if seconds[step])
+            names = ("gate_and_apply", "attention", *STEPS, "_local_gate", "kernel")
+            steps = ", ".join(f"{step.strip('_')} {seconds[step]:.3f}" for step in names if seconds[step])
             print(f"{arguments.task} {arguments.size} {name:>5}: {total:.2f} s; {steps}", flush=True)
 
 

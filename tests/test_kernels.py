@@ -14,6 +14,7 @@ from unittest import mock
 import pytest
 import torch
 
+from mprnet_cli import devices
 from mprnet_cli.model import kernels, network
 
 
@@ -162,3 +163,16 @@ def test_a_cache_that_cannot_be_written_is_a_fallback(monkeypatch: pytest.Monkey
     blocked.write_text("")
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
     _fallback_is_logged(caplog, "could not be built or loaded")
+
+
+def test_a_kernel_out_of_memory_is_the_out_of_memory_the_restorer_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel returns non-zero when its row buffers cannot be allocated."""
+    def failing(*arguments: object) -> int:
+        return 1
+
+    monkeypatch.setattr(kernels, "library", lambda: mock.Mock(mprnet_tlc_fp32=failing))
+    attention = _attention(16, True, torch.float32, (5, 7))
+    x, residual = _maps(1, 16, 12, 20, torch.float32)
+    with torch.inference_mode(), pytest.raises(RuntimeError) as raised:
+        attention.gate_and_add(x, residual)
+    assert devices.is_out_of_memory(raised.value)

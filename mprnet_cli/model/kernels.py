@@ -137,6 +137,6 @@ def local_gate_and_add(x: Tensor, residual: Tensor, reduced: Tensor, up: torch.n
     function = getattr(library(), FUNCTIONS[x.dtype])
     failed = function(reduced.data_ptr(), x.data_ptr(), residual.data_ptr(), weight.data_ptr(), bias.data_ptr(),
                       batch, height, width, count, channels, padded, window_height, window_width)
-    if failed:
-        raise MemoryError("TLC's kernel could not allocate its row buffers")
+    if failed:  # worded as PyTorch's CPU allocator words it, so the restorer retries in smaller tiles
+        raise RuntimeError("TLC's kernel can't allocate memory for its row buffers")
     return x

@@ -203,8 +203,7 @@ class ChannelAttention(nn.Module):
         """The gate for `x`: BxCx1x1, or with a local window, one value per window that lies
         inside the map, whose edges stand for the rest (TLC's border rule). `_gate_and_add`
         applies either, with the caller's residual sum; `replicate_to` gives the full map."""
-        height, width = x.shape[-2:]
-        if self.window is None or (self.window[0] >= height and self.window[1] >= width):
+        if not self._is_local(x):
             return self.conv_du(_spatial_mean(x))
         # The gate's first 1x1 convolution is linear, so it commutes with the mean: taken
         # per pixel first, it leaves `reduction` times fewer channels to average (derain's
@@ -217,12 +216,15 @@ class ChannelAttention(nn.Module):
         """`x * self(x) + residual`, under the rule of `_grow`. With a local window, for CPU
         inference where the compiled kernel takes the maps (`kernels.applies`), in one pass
         that never writes the gate out: the means, the gate and its apply, a row at a time."""
-        height, width = x.shape[-2:]
-        if (self.window is not None and (self.window[0] < height or self.window[1] < width)
-                and _eager_inference() and kernels.applies(x, residual)):
+        if self._is_local(x) and _eager_inference() and kernels.applies(x, residual):
             reduced = self.conv_du[0](x).contiguous(memory_format=torch.channels_last)
             return kernels.local_gate_and_add(x, residual, reduced, self.conv_du[2], self.window)
         return _gate_and_add(x, self(x), residual)
+
+    def _is_local(self, x: Tensor) -> bool:
+        """True where the window leaves out part of `x`'s map; one that covers it is the
+        global mean, taken the global way."""
+        return self.window is not None and (self.window[0] < x.shape[-2] or self.window[1] < x.shape[-1])
 
     def _local_gate(self, means: Tensor) -> Tensor:
         """The gate from the local means of `x` after `conv_du`'s first convolution. Where
