@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
+import shlex
 import shutil
 import stat
 from collections.abc import Callable, Iterator
@@ -30,7 +32,7 @@ def fresh_build() -> Iterator[None]:
 def assert_kernel_builds() -> None:
     """Where a C compiler exists, the kernel must build: tests that exercise it then cannot
     pass by falling back."""
-    if shutil.which(os.environ.get("CC") or "cc") is None:
+    if shutil.which(shlex.split(os.environ.get("CC") or "cc")[0]) is None:
         pytest.skip("no C compiler: TLC runs as tensor operations here")
     assert kernels.library() is not None, "the kernel did not build (run with MPRNET_DEBUG=1 for why)"
 
@@ -46,12 +48,35 @@ def _maps(batch: int, channels: int, height: int, width: int, dtype: torch.dtype
     return x, torch.randn_like(x)
 
 
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One kernel cache for the session, so that each instruction set is built once."""
+    return tmp_path_factory.mktemp("kernels")
+
+
+@pytest.fixture(params=["native", "-mno-avx512bf16", "-mno-avx512f"],
+                ids=["native", "without AVX-512 bf16", "without AVX-512"])
+def instructions(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, shared_cache: Path) -> Iterator[None]:
+    """The kernel as built for this CPU, and as built for x86 CPUs with less of AVX-512:
+    each takes its own code for the sigmoid, the second convolution and the rounding."""
+    if request.param != "native":
+        if platform.machine().lower() not in ("x86_64", "amd64"):
+            pytest.skip("x86 instruction sets")
+        monkeypatch.setenv("CC", f"{os.environ.get('CC') or 'cc'} {request.param}")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(shared_cache))
+    kernels.library.cache_clear()
+    yield
+    kernels.library.cache_clear()
+
+
+@pytest.mark.usefixtures("instructions")
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 2e-6), (torch.bfloat16, 2**-6)])
 @pytest.mark.parametrize(("batch", "channels", "size", "window", "bias"), [
     (2, 16, (12, 20), (5, 7), True),     # C one vector wide; two images
     (1, 40, (23, 31), (30, 9), False),   # C not a whole number of vectors; the window taller than the map
     (1, 80, (9, 50), (4, 60), True),     # four vectors and one more; wider than the map
     (3, 24, (17, 13), (16, 2), True),    # a single row of windows; three images
+    (1, 60, (14, 15), (3, 4), False),    # an odd number of reduced channels (15): bf16 pairs with a zero
 ])
 def test_the_kernel_gives_what_the_tensor_operations_give(batch: int, channels: int, size: tuple[int, int],
                                                           window: tuple[int, int], bias: bool, dtype: torch.dtype,
@@ -70,6 +95,23 @@ def test_the_kernel_gives_what_the_tensor_operations_give(batch: int, channels: 
     assert compiled.call_count == 1
     assert result.data_ptr() == out.data_ptr()  # written in place, as the tensor operations are
     torch.testing.assert_close(result.float(), expected.float(), atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.usefixtures("instructions")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_saturated_gate_is_zero_or_one(dtype: torch.dtype) -> None:
+    """Sums far past the sigmoid's range (exp overflows) give gates of exactly 0 and 1,
+    never NaN."""
+    assert_kernel_builds()
+    torch.manual_seed(0)
+    attention = _attention(16, True, dtype, (3, 3))
+    with torch.no_grad():
+        attention.conv_du[2].bias.copy_(torch.tensor([1000.0, -1000.0] * 8))
+    x, residual = _maps(1, 16, 7, 9, dtype)
+    with torch.inference_mode():
+        result = attention.gate_and_add(x.clone(), residual)
+    expected = torch.where(torch.arange(16).reshape(1, 16, 1, 1) % 2 == 0, x + residual, residual)
+    torch.testing.assert_close(result, expected, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("case", ["global window", "autograd", "contiguous", "float64"])
