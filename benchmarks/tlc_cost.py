@@ -5,7 +5,8 @@ Weights do not change the time, so the published widths are built with random we
 after one untimed forward of each (the first of a shape builds oneDNN's kernels); the
 median of --rounds of each is reported, in seconds of wall time and of the process's CPU
 time (both threads): other work on a shared machine stretches the first more than the
-second.
+second. Last, the median of each round's own overhead (its TLC forward against its plain
+one), which a machine that slows and speeds up over minutes moves less.
 
     python benchmarks/tlc_cost.py [--task derain] [--precision auto] [--rounds 3] [--sizes 512x512 1080x1920]
 
@@ -65,9 +66,11 @@ def main() -> None:
                 cpu_times[name].append(time.process_time() - cpu_started)
         base, tlc = statistics.median(times["plain"]), statistics.median(times["tlc"])
         cpu_base, cpu_tlc = statistics.median(cpu_times["plain"]), statistics.median(cpu_times["tlc"])
+        paired = statistics.median(t / p - 1 for p, t in zip(times["plain"], times["tlc"], strict=True))
         print(f"{size:>10} {base:>8.2f} {tlc:>8.2f} {100 * (tlc / base - 1):>+8.1f}% {cpu_base:>13.2f} {cpu_tlc:>6.2f} "
               f"{100 * (cpu_tlc / cpu_base - 1):>+8.1f}%  (wall: plain {', '.join(f'{t:.2f}' for t in times['plain'])}; "
-              f"tlc {', '.join(f'{t:.2f}' for t in times['tlc'])})", flush=True)
+              f"tlc {', '.join(f'{t:.2f}' for t in times['tlc'])}; median of each round's own overhead "
+              f"{100 * paired:+.1f}%)", flush=True)
 
 
 if __name__ == "__main__":

@@ -64,14 +64,19 @@ def main() -> None:
     for restorer in restorers.values():
         restorer.restore(image)
     for _ in range(arguments.rounds):
+        gate_and_apply, totals = {}, {}
         for name, restorer in restorers.items():
             seconds.clear()
             started = time.perf_counter()
             restorer.restore(image)
-            total = time.perf_counter() - started
+            totals[name] = time.perf_counter() - started
+            gate_and_apply[name] = seconds["gate_and_apply"]
             names = ("gate_and_apply", "attention", *STEPS, "_local_gate", "kernel")
             steps = ", ".join(f"{step.strip('_')} {seconds[step]:.3f}" for step in names if seconds[step])
-            print(f"{arguments.task} {arguments.size} {name:>5}: {total:.2f} s; {steps}", flush=True)
+            print(f"{arguments.task} {arguments.size} {name:>5}: {totals[name]:.2f} s; {steps}", flush=True)
+        cost = gate_and_apply["tlc"] - gate_and_apply["plain"]
+        print(f"  TLC's gate and apply cost {cost:+.3f} s, {100 * cost / totals['plain']:+.1f}% of the plain forward",
+              flush=True)
 
 
 if __name__ == "__main__":
