@@ -277,8 +277,10 @@ def _pipeline(ray: Any, jobs: list[Job], checkpoint: list[Any], settings: Worker
     node_cpus = [int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node.get("Alive")]
     resources, pool = actor_plan(settings.device, int(ray.cluster_resources().get("GPU", 0)), node_cpus, workers,
                                  len(jobs))
+    # One job in an actor at a time, queued ones included: Ray Data queues a second by
+    # default, which dies with a job that kills the worker and is charged one of its retries.
     compute = ray.data.ActorPoolStrategy(min_size=1, initial_size=pool, max_size=pool,
-                                         max_concurrent_calls_per_actor=1)
+                                         max_concurrent_calls_per_actor=1, max_tasks_in_flight_per_actor=1)
     dataset = ray.data.from_items(items, override_num_blocks=len(items))
     with warnings.catch_warnings():
         # max_restarts and max_task_retries have no named parameter yet (Ray 2.60); Ray
