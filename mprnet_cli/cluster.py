@@ -215,9 +215,9 @@ def _run(ray: Any, jobs: list[Job], checkpoint: Path, settings: WorkerSettings, 
         yield from _outcomes(_pipeline(ray, jobs, [reference], settings, options.workers), jobs, done)
         dropped = [index for index in range(len(jobs)) if index not in done]
         if dropped:  # each alone this time: a job queued behind one that killed its worker died with it
-            again: set[int] = set()
-            yield from _outcomes(_pipeline(ray, [jobs[index] for index in dropped], [reference], settings,
-                                           options.workers, alone=True), [jobs[index] for index in dropped], again)
+            retried, again = [jobs[index] for index in dropped], set[int]()
+            yield from _outcomes(_pipeline(ray, retried, [reference], settings, options.workers, alone=True),
+                                 retried, again)
             done.update(dropped[index] for index in again)
         for index, job in enumerate(jobs):
             if index not in done:  # its worker died twice, alone: Ray Data dropped it
