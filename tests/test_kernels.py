@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import platform
-import shlex
 import shutil
 import stat
 from collections.abc import Callable, Iterator
@@ -32,7 +31,7 @@ def fresh_build() -> Iterator[None]:
 def assert_kernel_builds() -> None:
     """Where a C compiler exists, the kernel must build: tests that exercise it then cannot
     pass by falling back."""
-    if shutil.which(shlex.split(os.environ.get("CC") or "cc")[0]) is None:
+    if shutil.which(kernels.c_compiler()[0]) is None:
         pytest.skip("no C compiler: TLC runs as tensor operations here")
     assert kernels.library() is not None, "the kernel did not build (run with MPRNET_DEBUG=1 for why)"
 

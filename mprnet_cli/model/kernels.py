@@ -52,6 +52,11 @@ def _cpu_flags() -> str:
         return platform.processor()
 
 
+def c_compiler() -> list[str]:
+    """The command that builds the kernel: `$CC` (with any flags in it), else `cc`."""
+    return shlex.split(os.environ.get("CC") or "cc")
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernel, built on first use (about a second) and kept in `cache_dir()`
@@ -61,7 +66,7 @@ def library() -> ctypes.CDLL | None:
     if os.environ.get("MPRNET_TLC_KERNEL") == "0":
         logger.debug("TLC runs as tensor operations: MPRNET_TLC_KERNEL=0")
         return None
-    compiler = shlex.split(os.environ.get("CC") or "cc")
+    compiler = c_compiler()
     if not compiler or shutil.which(compiler[0]) is None:
         logger.debug("TLC runs as tensor operations: no C compiler (%s) to build its kernel", " ".join(compiler))
         return None

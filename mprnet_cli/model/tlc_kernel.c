@@ -53,7 +53,8 @@ static inline lanes lanes_at(const void *data) {
     return value;
 }
 
-/* where `mask`, `chosen`, else `other` */
+#ifndef __AVX512F__
+/* where `mask`, `chosen`, else `other` (AVX-512 has min and max for the sigmoid's clamps) */
 static inline lanes choose(int_lanes mask, lanes chosen, lanes other) {
     int_lanes a, b;
     memcpy(&a, &chosen, sizeof a);
@@ -63,6 +64,7 @@ static inline lanes choose(int_lanes mask, lanes chosen, lanes other) {
     memcpy(&result, &a, sizeof result);
     return result;
 }
+#endif
 
 /* 1 / (1 + exp(-x)), exp by range reduction to 2^n e^r with |r| <= ln(2)/2 and Cephes'
  * polynomial for e^r (about 1 ulp), its argument clamped to fp32's range; NaN stays NaN.
